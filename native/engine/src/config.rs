@@ -1,0 +1,180 @@
+//! The one mls-rs configuration every party uses: members and the delivery service's
+//! observer must run identical rules, because the rules filter proposals on receipt too.
+
+use mls_rs::client_builder::{self, PaddingMode};
+use mls_rs::error::IntoAnyError;
+use mls_rs::external_client::builder as external_builder;
+use mls_rs::identity::basic::BasicCredential;
+use mls_rs::identity::{CredentialType, SigningIdentity};
+use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules, EncryptionOptions};
+use mls_rs::time::MlsTime;
+use mls_rs::{CipherSuite, ExtensionList, IdentityProvider};
+use mls_rs_core::identity::MemberValidationContext;
+use mls_rs_crypto_rustcrypto::RustCryptoProvider;
+
+use crate::error::{Error, Result};
+
+/// Longest identity accepted in a credential (LiveKit identities are short strings).
+pub const MAX_IDENTITY_LEN: usize = 1024;
+
+/// The default cipher suite: MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+pub const DEFAULT_CIPHER_SUITE: u16 = 1;
+
+/// Cipher suites the pure-Rust crypto provider implements.
+pub const SUPPORTED_CIPHER_SUITES: [u16; 4] = [1, 2, 3, 7];
+
+/// Client configuration: in-memory storages (state leaves the engine only as an explicit
+/// `Group::to_bytes` blob), UTF-8 basic credentials, the shared rules, RustCrypto.
+pub type ClientConfig = client_builder::WithMlsRules<
+    DefaultMlsRules,
+    client_builder::WithIdentityProvider<
+        Utf8IdentityProvider,
+        client_builder::WithCryptoProvider<RustCryptoProvider, client_builder::BaseConfig>,
+    >,
+>;
+
+/// Observer configuration for the delivery service (no secrets beyond its own signer).
+pub type ObserverConfig = external_builder::WithMlsRules<
+    DefaultMlsRules,
+    external_builder::WithIdentityProvider<
+        Utf8IdentityProvider,
+        external_builder::WithCryptoProvider<
+            RustCryptoProvider,
+            external_builder::ExternalBaseConfig,
+        >,
+    >,
+>;
+
+/// Rules shared by every member and the observer.
+///
+/// * handshakes are PublicMessages, so the delivery service can validate them;
+/// * every commit carries an UpdatePath, so each join and leave also refreshes the
+///   committer's leaf (post-compromise security on every rotation);
+/// * Welcomes carry the ratchet tree, so joiners need nothing out of band;
+/// * commits produce a GroupInfo that allows external commits (re-join without a member).
+pub fn mls_rules() -> DefaultMlsRules {
+    DefaultMlsRules::new()
+        .with_commit_options(
+            CommitOptions::new()
+                .with_path_required(true)
+                .with_ratchet_tree_extension(true)
+                .with_single_welcome_message(true)
+                .with_allow_external_commit(true),
+        )
+        .with_encryption_options(EncryptionOptions::new(false, PaddingMode::None))
+}
+
+pub fn crypto_provider() -> RustCryptoProvider {
+    RustCryptoProvider::new()
+}
+
+pub fn cipher_suite(value: u16) -> Result<CipherSuite> {
+    if SUPPORTED_CIPHER_SUITES.contains(&value) {
+        Ok(CipherSuite::from(value))
+    } else {
+        Err(Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "UnsupportedCipherSuite",
+            format!("cipher suite {value:#06x} is not supported (supported: 1, 2, 3, 7)"),
+        ))
+    }
+}
+
+/// Checks that an identity is usable as a LiveKit participant identity.
+pub fn check_identity(identity: &[u8]) -> Result<&str> {
+    if identity.is_empty() || identity.len() > MAX_IDENTITY_LEN {
+        return Err(Error::validation(
+            "InvalidIdentity",
+            format!(
+                "identity must be 1..={MAX_IDENTITY_LEN} bytes, got {}",
+                identity.len()
+            ),
+        ));
+    }
+    std::str::from_utf8(identity)
+        .map_err(|_| Error::validation("InvalidIdentity", "identity is not valid UTF-8"))
+}
+
+/// The identity (credential identifier) of a signing identity, as text.
+pub fn identity_of(signing_identity: &SigningIdentity) -> Result<String> {
+    let basic = signing_identity.credential.as_basic().ok_or_else(|| {
+        Error::validation(
+            "UnsupportedCredential",
+            "only basic credentials are accepted",
+        )
+    })?;
+    Ok(check_identity(&basic.identifier)?.to_owned())
+}
+
+/// Basic credentials whose identifier is a UTF-8 LiveKit participant identity.
+///
+/// mls-rs `tree_index` already rejects two leaves with the same identity, matching
+/// LiveKit's one-identity-per-room rule.
+#[derive(Clone, Debug, Default)]
+pub struct Utf8IdentityProvider;
+
+#[derive(Debug)]
+pub struct IdentityRejected(String);
+
+impl std::fmt::Display for IdentityRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for IdentityRejected {}
+
+impl IntoAnyError for IdentityRejected {
+    fn into_dyn_error(self) -> std::result::Result<Box<dyn std::error::Error + Send + Sync>, Self> {
+        Ok(self.into())
+    }
+}
+
+fn validate(signing_identity: &SigningIdentity) -> std::result::Result<Vec<u8>, IdentityRejected> {
+    identity_of(signing_identity)
+        .map(String::into_bytes)
+        .map_err(|e| IdentityRejected(e.message))
+}
+
+impl IdentityProvider for Utf8IdentityProvider {
+    type Error = IdentityRejected;
+
+    fn validate_member(
+        &self,
+        signing_identity: &SigningIdentity,
+        _timestamp: Option<MlsTime>,
+        _context: MemberValidationContext<'_>,
+    ) -> std::result::Result<(), Self::Error> {
+        validate(signing_identity).map(|_| ())
+    }
+
+    fn validate_external_sender(
+        &self,
+        signing_identity: &SigningIdentity,
+        _timestamp: Option<MlsTime>,
+        _extensions: Option<&ExtensionList>,
+    ) -> std::result::Result<(), Self::Error> {
+        validate(signing_identity).map(|_| ())
+    }
+
+    fn identity(
+        &self,
+        signing_identity: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> std::result::Result<Vec<u8>, Self::Error> {
+        validate(signing_identity)
+    }
+
+    fn valid_successor(
+        &self,
+        predecessor: &SigningIdentity,
+        successor: &SigningIdentity,
+        _extensions: &ExtensionList,
+    ) -> std::result::Result<bool, Self::Error> {
+        Ok(validate(predecessor)? == validate(successor)?)
+    }
+
+    fn supported_types(&self) -> Vec<CredentialType> {
+        vec![BasicCredential::credential_type()]
+    }
+}
