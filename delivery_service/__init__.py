@@ -1,0 +1,1 @@
+"""The livekit-mls delivery service: orders and relays MLS handshakes for LiveKit rooms."""

@@ -4,7 +4,7 @@ use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::group::ReceivedMessage;
 use mls_rs::identity::SigningIdentity;
 use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
-use mls_rs::GroupStateStorage;
+use mls_rs::{ExtensionList, GroupStateStorage};
 
 use crate::client::parse_message;
 use crate::config::{identity_of, ClientConfig};
@@ -48,6 +48,18 @@ impl RosterView for mls_rs::Group<ClientConfig> {
             .ok()
             .map(|m| m.index)
     }
+}
+
+/// (identity, signature key) of each entry of a group context's external senders list.
+pub(crate) fn external_senders_of(extensions: &ExtensionList) -> Result<Vec<(String, Vec<u8>)>> {
+    let ext = extensions
+        .get_as::<ExternalSendersExt>()
+        .map_err(|e| Error::decode(e.to_string()))?;
+    ext.map(|e| e.allowed_senders)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| Ok((identity_of(s)?, s.signature_key.as_bytes().to_vec())))
+        .collect()
 }
 
 pub(crate) fn split_state(state: &[u8]) -> Result<(&[u8], &[u8])> {
@@ -139,17 +151,7 @@ impl Group {
 
     /// The external senders (identity, signature key) the group context allows.
     pub fn external_senders(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let ext = self
-            .inner
-            .context()
-            .extensions
-            .get_as::<ExternalSendersExt>()
-            .map_err(|e| Error::decode(e.to_string()))?;
-        ext.map(|e| e.allowed_senders)
-            .unwrap_or_default()
-            .iter()
-            .map(|s| Ok((identity_of(s)?, s.signature_key.as_bytes().to_vec())))
-            .collect()
+        external_senders_of(&self.inner.context().extensions)
     }
 
     pub fn has_pending_commit(&self) -> bool {

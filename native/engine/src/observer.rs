@@ -127,6 +127,11 @@ impl ObservedGroup {
         self.inner.group_context().cipher_suite.into()
     }
 
+    /// The external senders (identity, signature key) the group context allows.
+    pub fn external_senders(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        crate::group::external_senders_of(&self.inner.group_context().extensions)
+    }
+
     pub fn members(&self) -> Result<Vec<Member>> {
         self.inner
             .roster()

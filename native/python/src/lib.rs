@@ -720,6 +720,10 @@ impl ObservedGroup {
         Ok(member.map(Member::from))
     }
 
+    fn external_senders(&self) -> PyResult<Vec<(String, Vec<u8>)>> {
+        lock(&self.inner).external_senders().map_err(to_py_err)
+    }
+
     fn process_message(&self, py: Python<'_>, message: &[u8]) -> PyResult<Py<PyAny>> {
         let received = self.with(py, |g| g.process_message(message))?;
         received_to_py(py, received)

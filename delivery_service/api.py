@@ -1,0 +1,227 @@
+"""The gRPC API (livekit.mls.v1.DeliveryService): authentication, limits, status codes.
+
+Every handler authenticates the caller from its LiveKit token, checks sizes and the
+per-identity rate, calls the :class:`RoomManager`, and maps domain errors to a gRPC status
+with a precise message. Unexpected failures become INTERNAL without details leaking out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from delivery_service.auth import Authenticator, Caller
+from delivery_service.errors import (
+    EPOCH_METADATA_KEY,
+    DeliveryError,
+    EpochConflict,
+    PermissionDenied,
+)
+from delivery_service.fanout import SlowSubscriber, StreamClosed
+from delivery_service.limits import Limits, RateLimiter
+from delivery_service.metrics import Metrics
+from delivery_service.proto import delivery_pb2 as pb
+from delivery_service.proto import delivery_pb2_grpc as pb_grpc
+from delivery_service.rooms import RoomManager
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
+    def __init__(
+        self,
+        manager: RoomManager,
+        authenticator: Authenticator,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> None:
+        self.manager = manager
+        self.auth = authenticator
+        self.limits = limits
+        self.metrics = metrics
+        self.rate = RateLimiter(limits.rate_per_second, limits.burst)
+
+    async def _unary(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[Caller], Awaitable[T]],
+    ) -> T:
+        code = grpc.StatusCode.OK
+        try:
+            caller = self.auth.authenticate(context.invocation_metadata())
+            self.rate.check((caller.room, caller.identity))
+            return await handler(caller)
+        except DeliveryError as e:
+            code = e.status
+            if isinstance(e, EpochConflict):
+                context.set_trailing_metadata(((EPOCH_METADATA_KEY, str(e.epoch)),))
+            await context.abort(code, e.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, "internal error")
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+        raise AssertionError("unreachable")  # abort() raises
+
+    async def Join(  # noqa: N802 - gRPC method names
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinResponse:
+        async def handle(caller: Caller) -> pb.JoinResponse:
+            self.limits.check_size("key_package", request.key_package)
+            response = await self.manager.join(caller.room, caller.identity, request.key_package)
+            log.info("join room=%s identity=%s", caller.room, caller.identity)
+            return response
+
+        return await self._unary("Join", context, handle)
+
+    async def CreateGroup(  # noqa: N802
+        self, request: pb.CreateGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateGroupResponse:
+        async def handle(caller: Caller) -> pb.CreateGroupResponse:
+            self.limits.check_size("group_info", request.group_info)
+            response = await self.manager.create_group(
+                caller.room, caller.identity, request.generation, request.group_info
+            )
+            log.info("group created room=%s by=%s", caller.room, caller.identity)
+            return response
+
+        return await self._unary("CreateGroup", context, handle)
+
+    async def SubmitCommit(  # noqa: N802
+        self, request: pb.SubmitCommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitCommitResponse:
+        async def handle(caller: Caller) -> pb.SubmitCommitResponse:
+            self.limits.check_size("commit", request.commit)
+            self.limits.check_size("welcome", request.welcome)
+            self.limits.check_size("group_info", request.group_info)
+            start = time.perf_counter()
+            try:
+                response = await self.manager.submit_commit(caller.room, caller.identity, request)
+            except EpochConflict:
+                self.metrics.commits_rejected.labels("epoch").inc()
+                raise
+            except DeliveryError:
+                self.metrics.commits_rejected.labels("invalid").inc()
+                raise
+            self.metrics.commit_latency.observe(time.perf_counter() - start)
+            log.info(
+                "commit accepted room=%s by=%s epoch=%d seq=%d",
+                caller.room,
+                caller.identity,
+                response.epoch,
+                response.seq,
+            )
+            return response
+
+        return await self._unary("SubmitCommit", context, handle)
+
+    async def Ready(  # noqa: N802
+        self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReadyResponse:
+        async def handle(caller: Caller) -> pb.ReadyResponse:
+            await self.manager.ready(caller.room, caller.identity, request.epoch)
+            return pb.ReadyResponse()
+
+        return await self._unary("Ready", context, handle)
+
+    async def Leave(  # noqa: N802
+        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaveResponse:
+        async def handle(caller: Caller) -> pb.LeaveResponse:
+            if await self.manager.leave(caller.room, caller.identity):
+                log.info("leave room=%s identity=%s", caller.room, caller.identity)
+            return pb.LeaveResponse()
+
+        return await self._unary("Leave", context, handle)
+
+    async def ReportFailure(  # noqa: N802
+        self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportFailureResponse:
+        async def handle(caller: Caller) -> pb.ReportFailureResponse:
+            self.limits.check_size("reason", request.reason)
+            log.warning(
+                "member failure room=%s identity=%s epoch=%d reason=%r",
+                caller.room,
+                caller.identity,
+                request.epoch,
+                request.reason,
+            )
+            # its leaf is unusable: drop it; the member joins again with a new key package
+            await self.manager.leave(caller.room, caller.identity)
+            return pb.ReportFailureResponse()
+
+        return await self._unary("ReportFailure", context, handle)
+
+    async def ReportDisconnect(  # noqa: N802
+        self, request: pb.ReportDisconnectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportDisconnectResponse:
+        async def handle(caller: Caller) -> pb.ReportDisconnectResponse:
+            self.limits.check_size("reason", request.identity)
+            if not await self.manager.is_participant(caller.room, caller.identity):
+                raise PermissionDenied("only a participant of the room may report disconnects")
+            # only a disconnect noticed after the identity's latest join counts
+            if await self.manager.leave(caller.room, request.identity, left_at=time.time() - 1.0):
+                log.info(
+                    "disconnect reported room=%s identity=%s by=%s",
+                    caller.room,
+                    request.identity,
+                    caller.identity,
+                )
+            return pb.ReportDisconnectResponse()
+
+        return await self._unary("ReportDisconnect", context, handle)
+
+    async def Subscribe(  # type: ignore[override]  # noqa: N802 - writes, not yields
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        # Written with context.write (not yield) so that a write stuck on a client that
+        # stopped reading can be abandoned when its queue overflows.
+        code = grpc.StatusCode.OK
+        failed = asyncio.Event()
+        try:
+            caller = self.auth.authenticate(context.invocation_metadata())
+            stream = self.manager.stream(
+                caller.room, caller.identity, request.after, on_fail=lambda _: failed.set()
+            )
+            async for entry in stream:
+                write = asyncio.ensure_future(context.write(entry.decode()))
+                stop = asyncio.ensure_future(failed.wait())
+                await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not write.done():
+                    # the client stopped reading and its queue overflowed: cut it off
+                    write.cancel()
+                    raise SlowSubscriber(f"stream of {caller.identity!r} fell behind")
+                write.result()
+                self.metrics.events_delivered.inc()
+        except SlowSubscriber as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.metrics.subscribers_cut.inc()
+            await context.abort(code, f"{e}; resume from your last sequence number")
+        except StreamClosed as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"{e}; resume from your last sequence number")
+        except DeliveryError as e:
+            code = e.status
+            await context.abort(code, e.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("Subscribe failed")
+            await context.abort(code, "internal error")
+        finally:
+            self.metrics.requests.labels("Subscribe", code.name).inc()

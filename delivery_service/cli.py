@@ -1,0 +1,249 @@
+"""``livekit-mls-ds``: run the delivery service.
+
+Every flag has an environment variable (shown in ``--help``); flags win. The LiveKit API
+secret is read from the environment only, so it never shows up in a process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from delivery_service.limits import Limits
+from delivery_service.ordering import OrderingConfig
+from delivery_service.server import DeliveryServer
+from delivery_service.settings import Settings
+
+ENV_PREFIX = "LIVEKIT_MLS_DS_"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d_limits, d_order = Limits(), OrderingConfig()
+    p = argparse.ArgumentParser(
+        prog="livekit-mls-ds",
+        description="livekit-mls delivery service: orders and relays the MLS handshakes of "
+        "LiveKit rooms (gRPC), with LiveKit webhooks and metrics over HTTP.",
+        epilog="The LiveKit API key/secret come from LIVEKIT_API_KEY and LIVEKIT_API_SECRET "
+        f"(required). Every option also reads {ENV_PREFIX}<OPTION> (e.g. "
+        f"{ENV_PREFIX}STORE=sqlite:///data/ds.db).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--grpc-listen", default=_env("GRPC_LISTEN", "127.0.0.1:50051"), help="gRPC host:port")
+    a(
+        "--http-listen",
+        default=_env("HTTP_LISTEN", "127.0.0.1:8089"),
+        help="HTTP host:port for /livekit/webhook, /metrics, /healthz, /readyz",
+    )
+    a(
+        "--store",
+        default=_env("STORE", "sqlite:///livekit-mls-ds.db"),
+        help="sqlite:///path (embedded default), redis://host:port/db, or memory:// (tests)",
+    )
+    a(
+        "--ds-key-file",
+        default=_env("KEY_FILE", ""),
+        help="hex file with the DS signature secret key (default: generated once, kept in the store)",
+    )
+    a(
+        "--print-public-key",
+        action="store_true",
+        help="print the DS signature public key (hex) for clients to pin, then exit",
+    )
+    a("--tls-cert", default=_env("TLS_CERT", ""), help="PEM certificate for gRPC TLS")
+    a("--tls-key", default=_env("TLS_KEY", ""), help="PEM private key for gRPC TLS")
+    a(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA", ""),
+        help="PEM CA bundle: require client certificates it signed (mTLS)",
+    )
+    a(
+        "--ring-size",
+        type=int,
+        default=int(_env("RING_SIZE", str(d_order.ring_size))),
+        help="LiveKit key ring size handed to clients (2..256)",
+    )
+    a(
+        "--commit-timeout",
+        type=float,
+        default=float(_env("COMMIT_TIMEOUT", str(d_order.commit_timeout))),
+        help="seconds the designated committer has before any member may commit",
+    )
+    a(
+        "--execute-timeout",
+        type=float,
+        default=float(_env("EXECUTE_TIMEOUT", str(d_order.execute_timeout))),
+        help="seconds to wait for ready acks before a transition executes anyway",
+    )
+    a(
+        "--create-timeout",
+        type=float,
+        default=float(_env("CREATE_TIMEOUT", str(d_order.create_timeout))),
+        help="seconds a named creator has to create the group",
+    )
+    a(
+        "--batch-quiet",
+        type=float,
+        default=float(_env("BATCH_QUIET", str(d_order.batch_quiet))),
+        help="Adds are committed once no Add came for this long (seconds)",
+    )
+    a(
+        "--batch-max-wait",
+        type=float,
+        default=float(_env("BATCH_MAX_WAIT", str(d_order.batch_max_wait))),
+        help="... or this long after the first pending Add (seconds)",
+    )
+    a(
+        "--max-commit-bytes",
+        type=int,
+        default=int(_env("MAX_COMMIT_BYTES", str(d_limits.commit))),
+        help="largest Commit",
+    )
+    a(
+        "--max-welcome-bytes",
+        type=int,
+        default=int(_env("MAX_WELCOME_BYTES", str(d_limits.welcome))),
+        help="largest Welcome",
+    )
+    a(
+        "--max-key-package-bytes",
+        type=int,
+        default=int(_env("MAX_KEY_PACKAGE_BYTES", str(d_limits.key_package))),
+        help="largest KeyPackage",
+    )
+    a(
+        "--rate",
+        type=float,
+        default=float(_env("RATE", str(d_limits.rate_per_second))),
+        help="sustained requests per second per identity",
+    )
+    a(
+        "--burst",
+        type=int,
+        default=int(_env("BURST", str(d_limits.burst))),
+        help="request burst per identity",
+    )
+    a(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    a("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "text"])
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    key = os.environ.get("LIVEKIT_API_KEY", "")
+    secret = os.environ.get("LIVEKIT_API_SECRET", "")
+    if not key or not secret:
+        raise SystemExit(
+            "error: set LIVEKIT_API_KEY and LIVEKIT_API_SECRET (the deployment's keys)"
+        )
+    if not 2 <= args.ring_size <= 256:
+        raise SystemExit("error: --ring-size must be 2..256")
+    limits = Limits(
+        key_package=args.max_key_package_bytes,
+        commit=args.max_commit_bytes,
+        welcome=args.max_welcome_bytes,
+        rate_per_second=args.rate,
+        burst=args.burst,
+    )
+    ordering = OrderingConfig(
+        ring_size=args.ring_size,
+        commit_timeout=args.commit_timeout,
+        execute_timeout=args.execute_timeout,
+        create_timeout=args.create_timeout,
+        batch_quiet=args.batch_quiet,
+        batch_max_wait=args.batch_max_wait,
+    )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    return Settings(
+        livekit_api_key=key,
+        livekit_api_secret=secret,
+        grpc_listen=args.grpc_listen,
+        http_listen=args.http_listen,
+        store=args.store,
+        ds_key_file=args.ds_key_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        limits=limits,
+        ordering=ordering,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    server = DeliveryServer(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down (draining streams)")
+    await server.stop()
+
+
+async def print_public_key(settings: Settings) -> None:
+    server = DeliveryServer(settings)
+    await server.store.open()
+    try:
+        print((await server._signature_key()).public_key.hex())
+    finally:
+        await server.store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    settings = settings_from_args(args)
+    try:
+        asyncio.run(print_public_key(settings) if args.print_public_key else serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

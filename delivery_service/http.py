@@ -1,0 +1,77 @@
+"""The DS's HTTP side (aiohttp): LiveKit webhooks, Prometheus metrics, health.
+
+* ``POST /livekit/webhook`` — LiveKit's signed webhooks; ``participant_left`` and
+  ``participant_connection_aborted`` remove that identity from the room's group. The
+  signature (JWT over the body's SHA-256) is checked with ``livekit.api.WebhookReceiver``;
+  anything unsigned or tampered is answered 401 and changes nothing.
+* ``GET /metrics`` — Prometheus exposition.
+* ``GET /healthz`` — the process is up; ``GET /readyz`` — it serves requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from livekit import api
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from delivery_service.metrics import Metrics
+from delivery_service.rooms import RoomManager
+
+log = logging.getLogger(__name__)
+
+LEAVE_EVENTS = ("participant_left", "participant_connection_aborted")
+WEBHOOK_PATH = "/livekit/webhook"
+MAX_WEBHOOK_BYTES = 1024 * 1024
+
+
+def make_app(
+    manager: RoomManager,
+    receiver: api.WebhookReceiver,
+    metrics: Metrics,
+    is_ready: Callable[[], bool],
+) -> web.Application:
+    async def webhook(request: web.Request) -> web.Response:
+        body = await request.text()
+        auth = request.headers.get("Authorization", "")
+        try:
+            event = receiver.receive(body, auth)
+        except Exception as e:  # the receiver raises plain Exceptions for bad hashes
+            metrics.webhooks.labels("unknown", "rejected").inc()
+            log.warning("webhook rejected: %s", e)
+            return web.json_response({"error": f"invalid webhook: {e}"}, status=401)
+        kind = event.event
+        if kind not in LEAVE_EVENTS:
+            metrics.webhooks.labels(kind, "ignored").inc()
+            return web.json_response({"status": "ignored"})
+        room, identity = event.room.name, event.participant.identity
+        if not room or not identity:
+            metrics.webhooks.labels(kind, "rejected").inc()
+            return web.json_response({"error": "event names no room or participant"}, status=400)
+        removed = await manager.leave(room, identity, left_at=float(event.created_at or 0) or None)
+        metrics.webhooks.labels(kind, "removed" if removed else "noop").inc()
+        log.info("webhook %s room=%s identity=%s removed=%s", kind, room, identity, removed)
+        return web.json_response({"status": "removed" if removed else "noop"})
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if is_ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+    app.router.add_post(WEBHOOK_PATH, webhook)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,533 @@
+"""The ordering rules of one room: exactly one commit per epoch, membership that follows
+the LiveKit room, and prepare -> ready -> execute transitions.
+
+``CommitOrdering`` is pure logic over a :class:`RoomTx` (a room's state during one
+operation): it validates a request, mutates the state, and emits log entries. It never
+does I/O; :class:`delivery_service.rooms.RoomManager` runs it under the room's lock and
+persists the result atomically (or drops it if anything raised).
+
+Membership is *reconciled*: ``participants`` is who should be in the group (joined and not
+left, with their newest key package), the observed roster is who is. After every change
+the DS proposes the Adds and Removes that close the gap, and asks one member to commit
+them all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from delivery_service.errors import EpochConflict, InvalidRequest, NotFound, PermissionDenied
+from delivery_service.model import (
+    CommitRequestState,
+    LogEntry,
+    Participant,
+    PendingProposal,
+    Phase,
+    RoomState,
+    group_id_for,
+)
+from delivery_service.proto import delivery_pb2 as pb
+from mls_provider import mls
+
+ACCEPTED_COMMITS_KEPT = 16
+
+
+@dataclass(frozen=True)
+class OrderingConfig:
+    """Room policy and deadlines (seconds). Documented in docs/protocol.md."""
+
+    ring_size: int = 16
+    cipher_suite: int = mls.DEFAULT_CIPHER_SUITE
+    # the designated committer's deadline before any member may commit
+    commit_timeout: float = 1.0
+    # longest wait for ready acks before a transition executes anyway
+    execute_timeout: float = 1.0
+    # the named creator's deadline before another joiner is asked to create the group
+    create_timeout: float = 5.0
+    # Adds are batched: a commit is requested once no Add came for `batch_quiet`, or
+    # `batch_max_wait` after the first pending Add. Removes are requested at once.
+    batch_quiet: float = 0.05
+    batch_max_wait: float = 0.5
+
+
+KeyPackageLoader = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class RoomTx:
+    """A room's state during one operation, and what the operation produced.
+
+    The operation mutates ``state`` and ``observed`` in place; the caller persists them
+    with ``entries`` and the key package changes atomically, or throws them all away
+    (reloading from the store) if the operation raised.
+    """
+
+    def __init__(
+        self,
+        state: RoomState,
+        observed: mls.ObservedGroup | None,
+        now: float,
+        key_packages: KeyPackageLoader,
+    ) -> None:
+        self.state = state
+        self.observed = observed
+        self.now = now
+        self.start_head = state.head
+        self.entries: list[LogEntry] = []
+        self.put_key_packages: dict[bytes, bytes] = {}
+        self.drop_key_packages: set[bytes] = set()
+        self.state_changed = False
+        self.observed_changed = False
+        self._load_key_package = key_packages
+
+    async def key_package(self, ref: bytes) -> bytes | None:
+        if ref in self.put_key_packages:
+            return self.put_key_packages[ref]
+        return await self._load_key_package(ref)
+
+    def emit(self, recipients: tuple[str, ...] | None = None, **event: object) -> int:
+        """Appends one RoomEvent (``create_group=...``, ``commit=...``, ...) to the log."""
+        self.state.head += 1
+        message = pb.RoomEvent(seq=self.state.head, generation=self.state.generation, **event)  # type: ignore[arg-type]
+        self.entries.append(LogEntry(self.state.head, message.SerializeToString(), recipients))
+        self.state_changed = True
+        return self.state.head
+
+    def changed(self) -> None:
+        self.state_changed = True
+
+
+class CommitOrdering:
+    """The rules, parameterized by the DS's MLS identity and the room policy."""
+
+    def __init__(self, observer: mls.ExternalObserver, config: OrderingConfig) -> None:
+        self.observer = observer
+        self.config = config
+        self.ds_signing_identity = observer.signing_identity()
+
+    def room_config(self, state: RoomState) -> pb.RoomConfig:
+        return pb.RoomConfig(
+            group_id=state.group_id,
+            generation=state.generation,
+            ring_size=self.config.ring_size,
+            cipher_suite=self.config.cipher_suite,
+            ds_signing_identity=self.ds_signing_identity,
+            ds_public_key=self.observer.public_key,
+        )
+
+    # ---- requests ------------------------------------------------------------------
+
+    async def join(self, tx: RoomTx, identity: str, key_package: bytes) -> pb.JoinResponse:
+        """Registers (or replaces) the caller's key package and reconciles."""
+        try:
+            info = await asyncio.to_thread(self.observer.validate_key_package, key_package)
+        except mls.MlsError as e:
+            raise InvalidRequest(f"invalid key package: {e}") from e
+        if info.identity != identity:
+            raise PermissionDenied(
+                f"key package identity {info.identity!r} is not the token identity {identity!r}"
+            )
+        if info.cipher_suite != self.config.cipher_suite:
+            raise InvalidRequest(
+                f"key package cipher suite {info.cipher_suite} is not the room's "
+                f"{self.config.cipher_suite}"
+            )
+        state = tx.state
+        previous = state.participants.get(identity)
+        if previous is not None and previous.kp_ref == info.reference:
+            # an idempotent retry of the same upload
+            return pb.JoinResponse(config=self.room_config(state), cursor=tx.start_head)
+        if previous is not None and not self._kp_in_use(state, previous):
+            tx.drop_key_packages.add(previous.kp_ref)
+        state.participants[identity] = Participant(identity, info.reference, tx.now)
+        tx.put_key_packages[info.reference] = key_package
+        tx.changed()
+        cursor = tx.start_head
+        await self._reconcile(tx)
+        return pb.JoinResponse(config=self.room_config(state), cursor=cursor)
+
+    async def create_group(
+        self, tx: RoomTx, identity: str, generation: int, group_info: bytes
+    ) -> int:
+        state = tx.state
+        if state.phase is not Phase.CREATING or state.generation != generation:
+            raise EpochConflict(
+                f"no group creation is pending for generation {generation}", state.epoch
+            )
+        if state.creator != identity:
+            raise PermissionDenied(f"{identity!r} was not asked to create the group")
+        try:
+            observed = await asyncio.to_thread(self.observer.observe, group_info)
+        except mls.MlsError as e:
+            raise InvalidRequest(f"invalid group info: {e}") from e
+        members = observed.members()
+        if observed.group_id != state.group_id:
+            raise InvalidRequest("group info is for another group id")
+        if observed.epoch != 0 or [m.identity for m in members] != [identity]:
+            raise InvalidRequest("a new group must be at epoch 0 with the creator as only member")
+        if observed.cipher_suite != self.config.cipher_suite:
+            raise InvalidRequest(f"the room's cipher suite is {self.config.cipher_suite}")
+        if observed.external_senders() != [(self.observer.identity, self.observer.public_key)]:
+            raise InvalidRequest("the group must list the delivery service as its external sender")
+        participant = state.participants[identity]
+        state.phase = Phase.ACTIVE
+        state.creator = ""
+        state.phase_since = tx.now
+        state.epoch = 0
+        state.executed_epoch = 0
+        state.members = {identity: participant.kp_ref}
+        state.group_info = group_info
+        tx.drop_key_packages.add(participant.kp_ref)
+        tx.observed = observed
+        tx.observed_changed = True
+        seq = tx.emit(execute=pb.TransitionExecute(epoch=0))
+        await self._reconcile(tx)
+        return seq
+
+    async def submit_commit(
+        self,
+        tx: RoomTx,
+        identity: str,
+        epoch: int,
+        commit: bytes,
+        welcome: bytes,
+        group_info: bytes,
+    ) -> pb.SubmitCommitResponse:
+        state = tx.state
+        digest = hashlib.sha256(commit).hexdigest()
+        if digest in state.accepted:  # an idempotent retry of an accepted commit
+            seq, new_epoch = state.accepted[digest]
+            return pb.SubmitCommitResponse(seq=seq, epoch=new_epoch)
+        if state.phase is not Phase.ACTIVE or tx.observed is None:
+            raise EpochConflict("the room has no group yet", state.epoch)
+        if epoch != state.epoch:
+            raise EpochConflict(f"stale commit: the room is at epoch {state.epoch}", state.epoch)
+        if state.transition_open:
+            raise EpochConflict(
+                f"the transition to epoch {state.epoch} is still running; retry after it executes",
+                state.epoch,
+            )
+        try:
+            info = mls.message_info(commit)
+        except mls.MlsError as e:
+            raise InvalidRequest(f"commit is not an MLS message: {e}") from e
+        if (info.wire_format, info.content_type) != ("public_message", "commit"):
+            raise InvalidRequest("commit must be a commit in a PublicMessage")
+        if info.epoch != state.epoch or info.group_id != state.group_id:
+            raise EpochConflict(
+                f"stale commit: the room's group is at epoch {state.epoch}", state.epoch
+            )
+        before = tx.observed
+        candidate = await asyncio.to_thread(before.copy)
+        try:
+            applied = await asyncio.to_thread(candidate.process_message, commit)
+        except mls.EpochError as e:
+            raise EpochConflict(f"stale commit: {e}", state.epoch) from e
+        except mls.MlsError as e:
+            raise InvalidRequest(f"invalid commit: {e}") from e
+        if not isinstance(applied, mls.CommitApplied):
+            raise InvalidRequest("not a commit")
+        self._check_committer(state, before, applied, identity)
+        missing = {p.ref for p in state.pending} - set(applied.proposal_refs)
+        if missing:
+            raise EpochConflict(
+                f"commit misses {len(missing)} pending proposal(s) of epoch {state.epoch}; "
+                "process the stream and commit again",
+                state.epoch,
+            )
+        added = [m.identity for m in applied.added]
+        removed = [m.identity for m in applied.removed]
+        if added and not applied.is_external:
+            try:
+                welcome_info = mls.message_info(welcome)
+            except mls.MlsError as e:
+                raise InvalidRequest(f"the commit adds members but welcome is invalid: {e}") from e
+            if welcome_info.wire_format != "welcome":
+                raise InvalidRequest("the commit adds members but carries no Welcome")
+        if group_info:
+            try:
+                gi_info = mls.message_info(group_info)
+            except mls.MlsError as e:
+                raise InvalidRequest(f"invalid group info: {e}") from e
+            if gi_info.wire_format != "group_info":
+                raise InvalidRequest("group_info is not a GroupInfo")
+            state.group_info = group_info
+
+        # accepted: from here on nothing can fail
+        add_refs = {p.identity: p.kp_ref for p in state.pending if p.kind == "add"}
+        for name in removed:
+            state.members.pop(name, None)
+        for name in added:
+            participant = state.participants.get(name)
+            ref = add_refs.get(name) or (participant.kp_ref if participant else b"")
+            state.members[name] = ref
+            tx.drop_key_packages.add(ref)
+        state.epoch = applied.epoch
+        state.pending = []
+        state.commit_request = None
+        state.phase_since = tx.now
+        tx.observed = candidate
+        tx.observed_changed = True
+        seq = tx.emit(
+            commit=pb.Commit(
+                epoch=epoch, message=commit, committer=identity, added=added, removed=removed
+            )
+        )
+        welcomed = tuple(a for a in added if a != identity)
+        if welcomed and not applied.is_external:
+            tx.emit(
+                welcome=pb.Welcome(epoch=applied.epoch, message=welcome, recipients=welcomed),
+                recipients=welcomed,
+            )
+        state.accepted[digest] = [seq, applied.epoch]
+        while len(state.accepted) > ACCEPTED_COMMITS_KEPT:
+            del state.accepted[next(iter(state.accepted))]
+        await self._reconcile(tx)
+        return pb.SubmitCommitResponse(seq=seq, epoch=applied.epoch)
+
+    def _check_committer(
+        self,
+        state: RoomState,
+        before: mls.ObservedGroup,
+        applied: mls.CommitApplied,
+        identity: str,
+    ) -> None:
+        if applied.is_external:
+            # a re-join: the joiner may only bring itself in and drop its own stale leaf
+            joiner = applied.added[0].identity if applied.added else ""
+            if joiner != identity:
+                raise PermissionDenied("an external commit must add the caller itself")
+            if identity not in state.participants:
+                raise PermissionDenied("join (upload a key package) before an external commit")
+            if any(m.identity != identity for m in applied.removed):
+                raise PermissionDenied("an external commit may only remove the caller's old leaf")
+            return
+        member = before.member_at(applied.committer)
+        if member is None or member.identity != identity:
+            raise PermissionDenied("the commit's sender is not the caller")
+        if applied.by_value_proposals:
+            raise PermissionDenied(
+                "membership changes only through the delivery service's proposals "
+                f"(commit carries {', '.join(applied.by_value_proposals)} by value)"
+            )
+
+    @staticmethod
+    def ready_counts(state: RoomState, identity: str, epoch: int) -> bool:
+        """Whether a ready ack for ``epoch`` counts towards the open transition.
+
+        Ready acks are soft state kept by the store per (generation, epoch): they are
+        many (one per member and epoch) and a lost one only delays the transition to its
+        deadline. Late acks of executed epochs are accepted and ignored.
+        """
+        if epoch > state.epoch and state.phase is Phase.ACTIVE:
+            raise EpochConflict(f"the room is at epoch {state.epoch}", state.epoch)
+        if not state.transition_open or epoch < state.epoch:
+            return False
+        if identity not in state.members:
+            raise NotFound(f"{identity!r} is not a member of epoch {epoch}")
+        return True
+
+    async def execute_if_ready(self, tx: RoomTx, epoch: int, ready: set[str]) -> None:
+        """Executes the open transition to ``epoch`` once every member acked it."""
+        state = tx.state
+        if state.transition_open and state.epoch == epoch and set(state.members) <= ready:
+            await self._execute(tx)
+
+    async def leave(self, tx: RoomTx, identity: str, *, left_at: float | None = None) -> bool:
+        """Drops an identity's wish to be in the group. ``left_at`` guards against a late
+        leave notice (webhook) for a session older than the identity's current join."""
+        participant = tx.state.participants.get(identity)
+        if participant is None:
+            return False
+        if left_at is not None and left_at < participant.joined_at:
+            return False
+        del tx.state.participants[identity]
+        if not self._kp_in_use(tx.state, participant):
+            tx.drop_key_packages.add(participant.kp_ref)
+        tx.changed()
+        await self._reconcile(tx)
+        return True
+
+    async def tick(self, tx: RoomTx) -> None:
+        """Acts on every deadline that passed."""
+        state, cfg = tx.state, self.config
+        if state.phase is Phase.CREATING and tx.now >= state.phase_since + cfg.create_timeout:
+            # the creator never answered: it cannot be trusted to be alive
+            gone = state.participants.pop(state.creator, None)
+            if gone is not None:
+                tx.drop_key_packages.add(gone.kp_ref)
+            await self._reset(tx, "the creator did not create the group in time")
+            return
+        if state.transition_open and tx.now >= state.phase_since + cfg.execute_timeout:
+            await self._execute(tx)
+            return
+        await self._request_commit(tx)
+
+    def next_deadline(self, state: RoomState) -> float | None:
+        cfg = self.config
+        if state.phase is Phase.CREATING:
+            return state.phase_since + cfg.create_timeout
+        if state.phase is not Phase.ACTIVE:
+            return None
+        if state.transition_open:
+            return state.phase_since + cfg.execute_timeout
+        if not state.pending:
+            return None
+        request = state.commit_request
+        if request is not None and request.refs == [p.ref for p in state.pending]:
+            return request.at + cfg.commit_timeout if request.committer else None
+        return self._batch_due(state)
+
+    # ---- internals -----------------------------------------------------------------
+
+    @staticmethod
+    def _kp_in_use(state: RoomState, participant: Participant) -> bool:
+        """True while a pending Add still refers to the participant's key package."""
+        return any(p.kind == "add" and p.kp_ref == participant.kp_ref for p in state.pending)
+
+    def _batch_due(self, state: RoomState) -> float:
+        cfg = self.config
+        if any(p.kind == "remove" for p in state.pending):
+            return min(p.issued_at for p in state.pending)
+        first = min(p.issued_at for p in state.pending)
+        last = max(p.issued_at for p in state.pending)
+        return min(last + cfg.batch_quiet, first + cfg.batch_max_wait)
+
+    async def _execute(self, tx: RoomTx) -> None:
+        state = tx.state
+        state.executed_epoch = state.epoch
+        state.phase_since = tx.now
+        tx.emit(execute=pb.TransitionExecute(epoch=state.epoch))
+        await self._request_commit(tx)
+
+    async def _reconcile(self, tx: RoomTx) -> None:
+        """Proposes what makes the group's roster match ``participants``."""
+        state = tx.state
+        if state.phase is Phase.EMPTY:
+            if state.participants:
+                await self._start_generation(tx, "")
+            return
+        if state.phase is Phase.CREATING:
+            if state.creator not in state.participants:
+                await self._reset(tx, "the creator left before creating the group")
+            return
+        observed = tx.observed
+        assert observed is not None
+        pending = {(p.kind, p.identity) for p in state.pending}
+        roster = {m.identity: m for m in await asyncio.to_thread(observed.members)}
+
+        def current(identity: str) -> bool:
+            participant = state.participants.get(identity)
+            return participant is not None and state.members.get(identity) == participant.kp_ref
+
+        committers = [m for name, m in roster.items() if current(name)]
+        if not committers:
+            # nobody left who can commit: retire this generation
+            await self._reset(tx, "no member of the group remains")
+            return
+        for name, member in roster.items():
+            if not current(name) and ("remove", name) not in pending:
+                message, ref = await asyncio.to_thread(observed.propose_remove, member.leaf_index)
+                self._issue(tx, message, ref, "remove", name, b"")
+        for name, participant in state.participants.items():
+            if current(name) or ("add", name) in pending:
+                continue
+            key_package = await tx.key_package(participant.kp_ref)
+            try:
+                if key_package is None:
+                    raise mls.StateError("key package lost")
+                message, ref = await asyncio.to_thread(observed.propose_add, key_package)
+            except mls.MlsError:
+                # e.g. the key package expired: forget the participant, it must join again
+                del state.participants[name]
+                tx.drop_key_packages.add(participant.kp_ref)
+                continue
+            self._issue(tx, message, ref, "add", name, participant.kp_ref)
+        await self._request_commit(tx)
+
+    def _issue(
+        self, tx: RoomTx, message: bytes, ref: bytes, kind: str, identity: str, kp_ref: bytes
+    ) -> None:
+        state = tx.state
+        state.pending.append(PendingProposal(ref, kind, identity, kp_ref, tx.now))
+        tx.observed_changed = True
+        tx.emit(
+            proposal=pb.Proposal(
+                epoch=state.epoch,
+                message=message,
+                kind=kind,
+                target_identity=identity,
+                proposal_ref=ref,
+            )
+        )
+
+    def _designated_committer(self, tx: RoomTx) -> str:
+        """The lowest leaf among members that stay (no pending Remove, current key package)."""
+        state = tx.state
+        leaving = {p.identity for p in state.pending if p.kind == "remove"}
+        assert tx.observed is not None
+        best: tuple[int, str] | None = None
+        for member in tx.observed.members():
+            name = member.identity
+            if name in leaving or name not in state.participants:
+                continue
+            if state.members.get(name) != state.participants[name].kp_ref:
+                continue
+            if best is None or member.leaf_index < best[0]:
+                best = (member.leaf_index, name)
+        return best[1] if best else ""
+
+    async def _request_commit(self, tx: RoomTx) -> None:
+        state = tx.state
+        if state.phase is not Phase.ACTIVE or state.transition_open or not state.pending:
+            return
+        refs = [p.ref for p in state.pending]
+        request = state.commit_request
+        if request is not None and request.epoch == state.epoch and request.refs == refs:
+            if request.committer and tx.now >= request.at + self.config.commit_timeout:
+                # the designee stayed silent: any member may commit now
+                state.commit_request = CommitRequestState(state.epoch, "", refs, tx.now)
+                tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=""))
+            return
+        if tx.now < self._batch_due(state):
+            return
+        committer = self._designated_committer(tx)
+        state.commit_request = CommitRequestState(state.epoch, committer, refs, tx.now)
+        tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=committer))
+
+    async def _start_generation(self, tx: RoomTx, reason: str) -> None:
+        """Asks the longest-waiting participant to create a new group."""
+        state = tx.state
+        creator = min(state.participants.values(), key=lambda p: p.joined_at).identity
+        state.phase = Phase.CREATING
+        state.creator = creator
+        state.phase_since = tx.now
+        state.group_id = group_id_for(state.room, state.generation)
+        tx.emit(
+            create_group=pb.CreateGroup(
+                creator=creator, group_id=state.group_id, config=self.room_config(state)
+            ),
+        )
+
+    async def _reset(self, tx: RoomTx, reason: str) -> None:
+        """Retires the current generation; participants waiting get a new group."""
+        state = tx.state
+        state.generation += 1
+        state.phase = Phase.EMPTY
+        state.group_id = b""
+        state.creator = ""
+        state.phase_since = tx.now
+        state.observer_snapshot = b""
+        state.group_info = b""
+        state.epoch = 0
+        state.executed_epoch = -1
+        state.members = {}
+        state.pending = []
+        state.commit_request = None
+        tx.observed = None
+        tx.observed_changed = True
+        tx.emit(reset=pb.GroupReset(generation=state.generation, reason=reason))
+        if state.participants:
+            await self._start_generation(tx, reason)

@@ -1,0 +1,329 @@
+"""Runs the ordering rules for many rooms: locks, caching, persistence, deadlines, fan-out.
+
+Every request on a room runs under that room's lock as one transaction: load (or reuse
+the cached) record and observer, apply :class:`CommitOrdering`, write the result with one
+compare-and-set ``Store.save``, publish the new log entries, and re-arm the room's next
+deadline. Nothing is acknowledged before the write returns. If the write loses a race
+(another DS process on a shared store) the transaction is retried on fresh state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from delivery_service.errors import (
+    DeliveryError,
+    NotFound,
+    OutOfRange,
+    VersionConflict,
+)
+from delivery_service.fanout import Hub
+from delivery_service.metrics import Metrics
+from delivery_service.model import LogEntry, Phase, RoomState
+from delivery_service.ordering import CommitOrdering, RoomTx
+from delivery_service.proto import delivery_pb2 as pb
+from delivery_service.store import Store
+from mls_provider import mls
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 8
+
+
+@dataclass
+class CachedRoom:
+    state: RoomState
+    observed: mls.ObservedGroup | None
+
+
+class RoomManager:
+    def __init__(
+        self,
+        store: Store,
+        ordering: CommitOrdering,
+        hub: Hub,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.ordering = ordering
+        self.hub = hub
+        self.metrics = metrics
+        self.clock = clock
+        self._rooms: dict[str, CachedRoom] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._published: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-arms the deadlines of every stored room and follows other processes."""
+        for room in await self.store.rooms():
+            cached = await self._load(room)
+            self._published[room] = cached.state.head
+            self._schedule(room, cached.state)
+        changes = self.store.changes()
+        if changes is not None:
+            self._watcher = asyncio.create_task(self._follow(changes))
+
+    async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- transactions --------------------------------------------------------------
+
+    async def _load(self, room: str) -> CachedRoom:
+        cached = self._rooms.get(room)
+        if cached is not None:
+            return cached
+        state = await self.store.load(room) or RoomState(room=room)
+        observed = None
+        if state.phase is Phase.ACTIVE:
+            observed = await asyncio.to_thread(self._restore_observer, state)
+        cached = CachedRoom(state, observed)
+        self._rooms[room] = cached
+        self.metrics.rooms_cached.set(len(self._rooms))
+        return cached
+
+    def _restore_observer(self, state: RoomState) -> mls.ObservedGroup:
+        try:
+            return self.ordering.observer.load(state.observer_snapshot)
+        except mls.MlsError:
+            # a damaged snapshot: follow the group again from its latest GroupInfo
+            log.warning("observer snapshot of room %r unusable, re-observing", state.room)
+            return self.ordering.observer.observe(state.group_info)
+
+    def _lock(self, room: str) -> asyncio.Lock:
+        lock = self._locks.get(room)
+        if lock is None:
+            lock = self._locks[room] = asyncio.Lock()
+        return lock
+
+    async def transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
+        """Runs ``operation`` on the room's state and persists what it did."""
+        async with self._lock(room):
+            for _ in range(MAX_ATTEMPTS):
+                cached = await self._load(room)
+                expected = cached.state.version
+                tx = RoomTx(
+                    cached.state,
+                    cached.observed,
+                    self.clock(),
+                    lambda ref: self.store.key_package(room, ref),
+                )
+                try:
+                    result = await operation(tx)
+                    if tx.observed_changed:
+                        cached.state.observer_snapshot = (
+                            b""
+                            if tx.observed is None
+                            else await asyncio.to_thread(tx.observed.snapshot)
+                        )
+                    if tx.state_changed or tx.observed_changed or tx.put_key_packages:
+                        await self.store.save(
+                            tx.state,
+                            expected,
+                            tx.entries,
+                            tx.put_key_packages,
+                            tx.drop_key_packages,
+                        )
+                except VersionConflict:
+                    self._forget(room)  # another process wrote first: retry on fresh state
+                    continue
+                except DeliveryError:
+                    # the ordering rules raise only before changing anything
+                    raise
+                except BaseException:
+                    self._forget(room)  # state may be half-changed: reload next time
+                    raise
+                cached.observed = tx.observed
+                self._after_write(room, tx)
+                return result
+            raise DeliveryError("too much write contention on this room; retry")
+
+    def _forget(self, room: str) -> None:
+        self._rooms.pop(room, None)
+        self.metrics.rooms_cached.set(len(self._rooms))
+
+    def _after_write(self, room: str, tx: RoomTx) -> None:
+        self.hub.publish(room, tx.entries)
+        if tx.entries:
+            self._published[room] = tx.entries[-1].seq
+        for entry in tx.entries:
+            kind = entry.decode().WhichOneof("event")
+            if kind == "commit":
+                self.metrics.commits_accepted.inc()
+            elif kind == "proposal":
+                self.metrics.proposals_issued.labels(entry.decode().proposal.kind).inc()
+        self._schedule(room, tx.state)
+
+    # ---- deadlines -----------------------------------------------------------------
+
+    def _schedule(self, room: str, state: RoomState) -> None:
+        timer = self._timers.pop(room, None)
+        if timer is not None:
+            timer.cancel()
+        deadline = self.ordering.next_deadline(state)
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - self.clock())
+        self._timers[room] = asyncio.get_running_loop().call_later(delay, self._spawn_tick, room)
+
+    def _spawn_tick(self, room: str) -> None:
+        task = asyncio.ensure_future(self._tick(room))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tick(self, room: str) -> None:
+        self._timers.pop(room, None)
+
+        async def tick(tx: RoomTx) -> None:
+            was_open = tx.state.transition_open
+            await self.ordering.tick(tx)
+            if was_open and not tx.state.transition_open:
+                self.metrics.transitions.labels("deadline").inc()
+
+        try:
+            await self.transact(room, tick)
+        except Exception:
+            log.exception("deadline handling failed for room %r", room)
+            cached = self._rooms.get(room)
+            if cached is not None:
+                self._schedule(room, cached.state)
+
+    # ---- requests ------------------------------------------------------------------
+
+    async def join(self, room: str, identity: str, key_package: bytes) -> pb.JoinResponse:
+        return await self.transact(room, lambda tx: self.ordering.join(tx, identity, key_package))
+
+    async def create_group(
+        self, room: str, identity: str, generation: int, group_info: bytes
+    ) -> pb.CreateGroupResponse:
+        seq = await self.transact(
+            room, lambda tx: self.ordering.create_group(tx, identity, generation, group_info)
+        )
+        return pb.CreateGroupResponse(seq=seq)
+
+    async def submit_commit(
+        self, room: str, identity: str, request: pb.SubmitCommitRequest
+    ) -> pb.SubmitCommitResponse:
+        return await self.transact(
+            room,
+            lambda tx: self.ordering.submit_commit(
+                tx, identity, request.epoch, request.commit, request.welcome, request.group_info
+            ),
+        )
+
+    async def ready(self, room: str, identity: str, epoch: int) -> None:
+        cached = await self._load(room)
+        state = cached.state
+        if not CommitOrdering.ready_counts(state, identity, epoch):
+            return
+        ready = await self.store.mark_ready(room, state.generation, epoch, identity)
+        if set(state.members) <= ready:
+
+            async def execute(tx: RoomTx) -> None:
+                was_open = tx.state.transition_open
+                await self.ordering.execute_if_ready(tx, epoch, ready)
+                if was_open and not tx.state.transition_open:
+                    self.metrics.transitions.labels("all_ready").inc()
+
+            await self.transact(room, execute)
+
+    async def leave(self, room: str, identity: str, *, left_at: float | None = None) -> bool:
+        return await self.transact(
+            room, lambda tx: self.ordering.leave(tx, identity, left_at=left_at)
+        )
+
+    async def is_participant(self, room: str, identity: str) -> bool:
+        state = (await self._load(room)).state
+        return identity in state.participants or identity in state.members
+
+    async def room_state(self, room: str) -> RoomState:
+        """The room's current record (read-only use)."""
+        return (await self._load(room)).state
+
+    # ---- streams -------------------------------------------------------------------
+
+    async def stream(
+        self,
+        room: str,
+        identity: str,
+        after: int,
+        on_fail: Callable[[BaseException], None] | None = None,
+    ) -> AsyncIterator[LogEntry]:
+        """The entries after ``after`` that ``identity`` may see, then live ones.
+
+        Ends with :class:`~delivery_service.fanout.SlowSubscriber` if the reader falls
+        behind; ``on_fail`` is called at once in that case (the reader may be stuck
+        writing to a client that stopped reading).
+        """
+        if not await self.is_participant(room, identity):
+            raise NotFound(f"{identity!r} has not joined room {room!r}; call Join first")
+        sub = self.hub.register(room, identity)
+        sub.on_fail = on_fail
+        self.metrics.subscribers.set(self.hub.subscriber_count)
+        try:
+            start = await self.store.log_start(room)
+            if after + 1 < start:
+                raise OutOfRange(
+                    f"cursor {after} is older than the retained log (starts at {start}); join again"
+                )
+            last = after
+            while True:  # the backlog, in pages
+                page = await self.store.read_log(room, last)
+                for entry in page:
+                    last = entry.seq
+                    if entry.visible_to(identity):
+                        yield entry
+                if len(page) < 500:
+                    break
+            while True:  # live entries (registered before the backlog: no gap)
+                entry = await sub.get()
+                if entry.seq <= last:
+                    continue
+                if entry.seq > last + 1:  # published while we paged: fetch the gap
+                    for missed in await self.store.read_log(room, last, entry.seq - last - 1):
+                        last = missed.seq
+                        if missed.visible_to(identity):
+                            yield missed
+                last = entry.seq
+                if entry.visible_to(identity):
+                    yield entry
+        finally:
+            self.hub.unregister(sub)
+            self.metrics.subscribers.set(self.hub.subscriber_count)
+
+    async def _follow(self, changes: AsyncIterator[tuple[str, int]]) -> None:
+        """Publishes entries other DS processes wrote (shared stores only)."""
+        async for room, head in changes:
+            try:
+                if head <= self._published.get(room, 0):
+                    continue
+                self._forget(room)  # our cached record is stale now
+                async with self._lock(room):
+                    after = self._published.get(room, head - 1)
+                    entries = await self.store.read_log(room, after)
+                    self.hub.publish(room, entries)
+                    if entries:
+                        self._published[room] = entries[-1].seq
+                    cached = await self._load(room)
+                    self._schedule(room, cached.state)
+            except Exception:
+                log.exception("following changes of room %r failed", room)

@@ -1,0 +1,201 @@
+"""The client side of the delivery service API: one authenticated gRPC channel.
+
+Every call carries the participant's LiveKit access token. Failures are typed
+(:class:`DeliveryServiceError` subclasses, each with the gRPC ``code`` and message), so the
+session can tell "retry after processing the stream" (:class:`EpochConflict`) from
+"join again" (:class:`CursorTooOld`) from "give up" (:class:`Unauthenticated`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+
+import grpc
+
+from delivery_service.proto import delivery_pb2 as pb
+from delivery_service.proto import delivery_pb2_grpc as pb_grpc
+
+EPOCH_METADATA_KEY = "x-mls-epoch"
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+
+
+class DeliveryServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class EpochConflict(DeliveryServiceError):
+    """FAILED_PRECONDITION: the request does not fit the room's epoch (``epoch``)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, epoch: int) -> None:
+        super().__init__(code, message)
+        self.epoch = epoch
+
+
+class Unauthenticated(DeliveryServiceError):
+    """The token is missing, malformed, expired or not signed by the deployment."""
+
+
+class PermissionDenied(DeliveryServiceError):
+    """The token does not allow the request."""
+
+
+class NotJoined(DeliveryServiceError):
+    """NOT_FOUND: the caller has not joined the room (or was removed)."""
+
+
+class CursorTooOld(DeliveryServiceError):
+    """OUT_OF_RANGE: the stream cursor is older than the retained log: join again."""
+
+
+class InvalidRequest(DeliveryServiceError):
+    """INVALID_ARGUMENT: the DS rejected the MLS content."""
+
+
+class ResourceExhausted(DeliveryServiceError):
+    """Too large, too fast, or (on a stream) fell behind: back off and resume."""
+
+
+class Unavailable(DeliveryServiceError):
+    """The DS is unreachable or shutting down: retry (resume streams from the cursor)."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[DeliveryServiceError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotJoined,
+    grpc.StatusCode.OUT_OF_RANGE: CursorTooOld,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def translate(error: grpc.aio.AioRpcError) -> DeliveryServiceError:
+    code, message = error.code(), error.details() or ""
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        epoch = -1
+        for key, value in error.trailing_metadata() or ():
+            if key == EPOCH_METADATA_KEY:
+                epoch = int(value)
+        return EpochConflict(code, message, epoch)
+    return _ERRORS.get(code, DeliveryServiceError)(code, message)
+
+
+TokenSource = str | Callable[[], str]
+
+
+class DeliveryClient:
+    """Async client of one DS address. ``token`` may be a callable returning a fresh
+    token (called per request), for long sessions that outlive one token."""
+
+    def __init__(
+        self,
+        target: str,
+        token: TokenSource,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.target = target
+        self._token = token
+        self._credentials = credentials
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.DeliveryServiceStub | None = None
+
+    async def __aenter__(self) -> DeliveryClient:
+        self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def connect(self) -> None:
+        if self._channel is not None:
+            return
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
+        if self._credentials is not None:
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options)
+        self._stub = pb_grpc.DeliveryServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    @property
+    def stub(self) -> pb_grpc.DeliveryServiceStub:
+        if self._stub is None:
+            self.connect()
+        assert self._stub is not None
+        return self._stub
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token() if callable(self._token) else self._token
+        return (("authorization", f"Bearer {token}"),)
+
+    async def join(self, key_package: bytes) -> pb.JoinResponse:
+        return await self._call(self.stub.Join, pb.JoinRequest(key_package=key_package))
+
+    async def create_group(self, generation: int, group_info: bytes) -> int:
+        request = pb.CreateGroupRequest(generation=generation, group_info=group_info)
+        response: pb.CreateGroupResponse = await self._call(self.stub.CreateGroup, request)
+        return response.seq
+
+    async def submit_commit(
+        self, epoch: int, commit: bytes, welcome: bytes = b"", group_info: bytes = b""
+    ) -> pb.SubmitCommitResponse:
+        request = pb.SubmitCommitRequest(
+            epoch=epoch, commit=commit, welcome=welcome, group_info=group_info
+        )
+        return await self._call(self.stub.SubmitCommit, request)
+
+    async def ready(self, epoch: int) -> None:
+        await self._call(self.stub.Ready, pb.ReadyRequest(epoch=epoch))
+
+    async def leave(self) -> None:
+        await self._call(self.stub.Leave, pb.LeaveRequest())
+
+    async def report_failure(self, epoch: int, reason: str) -> None:
+        await self._call(
+            self.stub.ReportFailure, pb.ReportFailureRequest(epoch=epoch, reason=reason[:500])
+        )
+
+    async def report_disconnect(self, identity: str) -> None:
+        await self._call(self.stub.ReportDisconnect, pb.ReportDisconnectRequest(identity=identity))
+
+    async def subscribe(self, after: int) -> AsyncIterator[pb.RoomEvent]:
+        """The room's events after ``after``; raises a typed error when the stream ends."""
+        call = self.stub.Subscribe(pb.SubscribeRequest(after=after), metadata=self._metadata())
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise translate(e) from None
+        finally:
+            call.cancel()
+
+    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return await method(request, metadata=self._metadata(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise translate(e) from None
