@@ -25,6 +25,7 @@ from delivery_service.errors import (
 from delivery_service.fanout import SlowSubscriber, StreamClosed
 from delivery_service.limits import Limits, RateLimiter
 from delivery_service.metrics import Metrics
+from delivery_service.presence import LiveKitPresence
 from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.rooms import RoomManager
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+async def _cancel(task: asyncio.Future[object]) -> None:
+    """Cancels a task and consumes its outcome (no 'exception never retrieved')."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
     def __init__(
         self,
@@ -41,7 +48,9 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         authenticator: Authenticator,
         limits: Limits,
         metrics: Metrics,
+        presence: LiveKitPresence | None = None,
     ) -> None:
+        self.presence = presence
         self.manager = manager
         self.auth = authenticator
         self.limits = limits
@@ -171,8 +180,16 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             self.limits.check_size("reason", request.identity)
             if not await self.manager.is_participant(caller.room, caller.identity):
                 raise PermissionDenied("only a participant of the room may report disconnects")
-            # only a disconnect noticed after the identity's latest join counts
-            if await self.manager.leave(caller.room, request.identity, left_at=time.time() - 1.0):
+            if self.presence is not None:
+                present = await self.presence.is_present(caller.room, request.identity)
+                if present:
+                    log.info(
+                        "disconnect report ignored: LiveKit still has room=%s identity=%s",
+                        caller.room,
+                        request.identity,
+                    )
+                    return pb.ReportDisconnectResponse()
+            if await self.manager.leave(caller.room, request.identity):
                 log.info(
                     "disconnect reported room=%s identity=%s by=%s",
                     caller.room,
@@ -182,6 +199,28 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             return pb.ReportDisconnectResponse()
 
         return await self._unary("ReportDisconnect", context, handle)
+
+    async def _write(
+        self,
+        context: grpc.aio.ServicerContext,
+        event: pb.RoomEvent,
+        failed: asyncio.Event,
+        identity: str,
+    ) -> None:
+        """Writes one event, unless the subscription fails first (its reader fell behind
+        and the write is stuck on a client that stopped reading)."""
+        write = asyncio.ensure_future(context.write(event))
+        stop = asyncio.ensure_future(failed.wait())
+        try:
+            await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel(stop)
+            if not write.done():
+                await _cancel(write)
+        if write.cancelled():
+            raise SlowSubscriber(f"stream of {identity!r} fell behind")
+        write.result()
+        self.metrics.events_delivered.inc()
 
     async def Subscribe(  # type: ignore[override]  # noqa: N802 - writes, not yields
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
@@ -196,16 +235,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
                 caller.room, caller.identity, request.after, on_fail=lambda _: failed.set()
             )
             async for entry in stream:
-                write = asyncio.ensure_future(context.write(entry.decode()))
-                stop = asyncio.ensure_future(failed.wait())
-                await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if not write.done():
-                    # the client stopped reading and its queue overflowed: cut it off
-                    write.cancel()
-                    raise SlowSubscriber(f"stream of {caller.identity!r} fell behind")
-                write.result()
-                self.metrics.events_delivered.inc()
+                await self._write(context, entry.decode(), failed, caller.identity)
         except SlowSubscriber as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self.metrics.subscribers_cut.inc()

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
+    a("--livekit-url", default=os.environ.get("LIVEKIT_URL", ""),
+      help="LiveKit server URL (env LIVEKIT_URL); when set, disconnect reports from members "
+      "are checked with LiveKit's RoomService before a removal")
     a("--grpc-listen", default=_env("GRPC_LISTEN", "127.0.0.1:50051"), help="gRPC host:port")
     a(
         "--http-listen",
@@ -200,6 +203,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         livekit_api_key=key,
         livekit_api_secret=secret,
+        livekit_url=args.livekit_url,
         grpc_listen=args.grpc_listen,
         http_listen=args.http_listen,
         store=args.store,

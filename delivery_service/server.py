@@ -19,6 +19,7 @@ from delivery_service.fanout import Hub
 from delivery_service.http import make_app
 from delivery_service.metrics import Metrics
 from delivery_service.ordering import CommitOrdering
+from delivery_service.presence import LiveKitPresence
 from delivery_service.proto import delivery_pb2, delivery_pb2_grpc
 from delivery_service.rooms import RoomManager
 from delivery_service.settings import DS_IDENTITY, Settings
@@ -53,6 +54,7 @@ class DeliveryServer:
         self._http: web.AppRunner | None = None
         self._health = health_aio.HealthServicer()
         self._ready = False
+        self._presence: LiveKitPresence | None = None
         self._stopped = asyncio.Event()
 
     async def _signature_key(self) -> mls.SignatureKeyPair:
@@ -90,8 +92,11 @@ class DeliveryServer:
             ("grpc.max_send_message_length", s.limits.grpc_message),
         ]
         self._grpc = grpc.aio.server(options=options)
+        if s.livekit_url:
+            self._presence = LiveKitPresence(s.livekit_url, s.livekit_api_key, s.livekit_api_secret)
         delivery_pb2_grpc.add_DeliveryServiceServicer_to_server(
-            DeliveryServicer(self.manager, authenticator, s.limits, self.metrics), self._grpc
+            DeliveryServicer(self.manager, authenticator, s.limits, self.metrics, self._presence),
+            self._grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
@@ -149,6 +154,8 @@ class DeliveryServer:
             await self._http.cleanup()
         if self.manager is not None:
             await self.manager.stop()
+        if self._presence is not None:
+            await self._presence.close()
         await self.store.close()
         self._stopped.set()
         log.info("delivery service stopped")

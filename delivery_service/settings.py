@@ -16,6 +16,8 @@ DS_IDENTITY = "livekit-mls-ds"
 class Settings:
     livekit_api_key: str
     livekit_api_secret: str = field(repr=False)
+    # LiveKit server URL: when set, members' disconnect reports are checked against it
+    livekit_url: str = ""
     grpc_listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:8089"
     store: str = "sqlite:///livekit-mls-ds.db"

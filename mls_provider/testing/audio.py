@@ -27,6 +27,7 @@ __all__ = [
     "describe",
     "dominant_frequency",
     "hears_tone",
+    "quiet_frames",
     "rms",
     "tone_fraction",
     "wait_for_no_tone",
@@ -104,6 +105,19 @@ def hears_tone(
         return False
     fraction = tone_fraction(samples, freq, bandwidth_hz=tolerance_hz, sample_rate=sample_rate)
     return fraction >= min_fraction
+
+
+def quiet_frames(
+    samples: Samples, *, threshold: float, frame_ms: int = FRAME_MS, sample_rate: int = SAMPLE_RATE
+) -> int:
+    """How many ``frame_ms`` frames of ``samples`` are quieter (rms) than ``threshold``:
+    gaps in a continuous tone, as concealment or silence replaces undecryptable audio."""
+    size = sample_rate * frame_ms // 1000
+    frames = samples[: samples.size - samples.size % size].reshape(-1, size)
+    if frames.size == 0:
+        return 0
+    levels = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    return int(np.count_nonzero(levels < threshold))
 
 
 def describe(samples: Samples, freq: float, sample_rate: int = SAMPLE_RATE) -> str:

@@ -1,0 +1,453 @@
+"""The client session: one participant's MLS group for one LiveKit room.
+
+It speaks to the delivery service (:class:`~mls_provider.transport.DeliveryClient`) and
+installs keys through a :class:`~mls_provider.sinks.KeySink` — LiveKit's key provider via
+the adapter, or a recorder in headless mode. It knows nothing of LiveKit itself.
+
+Lifecycle: upload a key package (Join); create the group when the DS says so, or join from
+the Welcome; then process the room's event stream in order:
+
+* proposals are validated and cached; when the DS designates us (or anyone), we commit
+  every cached proposal in one commit;
+* a commit for epoch ``e`` moves us to ``e+1``: **prepare** installs every remote member's
+  new key at index ``(e+1) mod R`` (their old keys stay), overwrites every slot of removed
+  members, re-pins our own current key so data packets keep the current index, and tells
+  the DS we are ready;
+* **execute** ``e+1`` (everyone ready, or the DS's deadline): we install our own new key
+  and switch every local sender to the new index; the previous index is wiped after a
+  grace period.
+
+A broken stream is resumed from the cursor; a failure to process a message, a cursor too
+old, or an unexpected removal leads to a clean re-join with a new key package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from delivery_service.proto import delivery_pb2 as pb
+from mls_provider import mls
+from mls_provider.events import EventEmitter
+from mls_provider.keys import KeySchedule, verification_code
+from mls_provider.sinks import KeySink
+from mls_provider.transport import (
+    CursorTooOld,
+    DeliveryClient,
+    DeliveryServiceError,
+    EpochConflict,
+    InvalidRequest,
+    NotJoined,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class SessionError(Exception):
+    """A failure the session cannot recover from by itself."""
+
+
+class DsKeyMismatch(SessionError):
+    """The delivery service's key is not the pinned one: refuse its groups."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How a session runs. ``ring_size`` and ``cipher_suite`` must match the DS's room
+    configuration (checked at join)."""
+
+    ring_size: int = 16
+    cipher_suite: int = mls.DEFAULT_CIPHER_SUITE
+    # pin the DS signature key: groups listing another external sender are refused
+    ds_public_key: bytes | None = None
+    # seconds after an execute before the previous epoch's key slots are overwritten
+    old_key_grace: float = 2.0
+    retry_initial: float = 0.1
+    retry_max: float = 5.0
+    # join again (new key package) if removed while still wanting to be in the room
+    rejoin_on_removal: bool = True
+    # called for every identity a commit adds; False raises a "member_rejected" event
+    accept_member: Callable[[str], bool] | None = None
+
+
+@dataclass(frozen=True)
+class EpochInfo:
+    """What an app may show when the group moves to a new epoch."""
+
+    epoch: int
+    key_index: int
+    members: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    verification_code: str
+
+
+@dataclass
+class _OwnKey:
+    epoch: int
+    index: int
+    material: bytes
+
+
+class MlsSession(EventEmitter):
+    """Events (``session.on(name, callback)``):
+
+    * ``"joined"`` (EpochInfo) — we are in the group;
+    * ``"epoch_changed"`` (EpochInfo) — keys of a new epoch are installed (prepare);
+    * ``"transition_executed"`` (EpochInfo) — we now send with the new epoch's key;
+    * ``"member_rejected"`` (identity) — ``accept_member`` refused an added identity;
+    * ``"removed"`` (reason) — we were removed from the group;
+    * ``"rejoining"`` (reason) — joining again with a new key package;
+    * ``"error"`` (exception) — a fatal error; the session stopped.
+    """
+
+    def __init__(
+        self,
+        ds: DeliveryClient,
+        identity: str,
+        sink: KeySink,
+        config: SessionConfig | None = None,
+        *,
+        key_pair: mls.SignatureKeyPair | None = None,
+    ) -> None:
+        super().__init__()
+        self.ds = ds
+        self.identity = identity
+        self.sink = sink
+        self.config = config or SessionConfig()
+        self.schedule = KeySchedule(self.config.ring_size)
+        pair = key_pair or mls.SignatureKeyPair.generate(self.config.cipher_suite)
+        self.client = mls.MlsClient(identity, pair)
+        self.group: mls.Group | None = None
+        self.generation = -1
+        self.cursor = 0
+        self.executed_epoch = -1
+        self.room_config: pb.RoomConfig | None = None
+        self.last_info: EpochInfo | None = None
+        self._own: _OwnKey | None = None  # the key we send with
+        self._next_own: _OwnKey | None = None  # prepared, installed on execute
+        self._task: asyncio.Task[None] | None = None
+        self._wipes: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._changed = asyncio.Condition()
+
+    # ---- public API ----------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.group is None else self.group.epoch
+
+    @property
+    def members(self) -> list[str]:
+        return [] if self.group is None else [m.identity for m in self.group.members()]
+
+    @property
+    def verification_code(self) -> str | None:
+        return None if self.group is None else verification_code(self.group.epoch_authenticator())
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Uploads a key package and starts following the room's event stream."""
+        await self._join()
+        self._task = asyncio.create_task(self._run(), name=f"mls-session-{self.identity}")
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stops the session; with ``leave`` the DS removes us from the group."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._wipes):
+            task.cancel()
+        if leave:
+            try:
+                await self.ds.leave()
+            except DeliveryServiceError as e:
+                log.info("%s: leave not confirmed: %s", self.identity, e)
+
+    async def wait_until(self, predicate: Callable[[MlsSession], bool], timeout: float) -> None:
+        """Waits until ``predicate(self)`` holds (checked after every handled event)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self)), timeout)
+
+    # ---- the event loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self.config.retry_initial
+        while not self._stopping:
+            try:
+                async for event in self.ds.subscribe(self.cursor):
+                    backoff = self.config.retry_initial
+                    restart = await self._handle(event)
+                    if restart:
+                        break  # re-joined: subscribe again from the new cursor
+                    self.cursor = event.seq
+                    await self._notify()
+            except (Unavailable, ResourceExhausted) as e:
+                log.info(
+                    "%s: stream interrupted (%s); resuming from %d", self.identity, e, self.cursor
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry_max)
+            except (CursorTooOld, NotJoined) as e:
+                await self._rejoin(f"stream refused: {e.message}")
+            except (Unauthenticated, PermissionDenied, DsKeyMismatch) as e:
+                log.error("%s: fatal: %s", self.identity, e)
+                self.emit("error", e)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("%s: unexpected failure; resuming", self.identity)
+                self.emit("error", e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry_max)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _handle(self, event: pb.RoomEvent) -> bool:
+        """Handles one event; True if the session re-joined (the stream must restart)."""
+        kind = event.WhichOneof("event")
+        try:
+            if kind == "reset":
+                return await self._on_reset(event)
+            if kind == "create_group":
+                return await self._on_create_group(event)
+            if kind == "welcome":
+                return await self._on_welcome(event)
+            group = self.group
+            if group is None or event.generation != self.generation:
+                return False  # not (yet) in this generation's group
+            if kind == "proposal":
+                if event.proposal.epoch == group.epoch:
+                    group.process_message(event.proposal.message)
+            elif kind == "commit_request":
+                await self._on_commit_request(group, event.commit_request)
+            elif kind == "commit":
+                return await self._on_commit(group, event.commit)
+            elif kind == "execute":
+                self._on_execute(group, event.execute.epoch)
+        except mls.MlsError as e:
+            await self._report_and_rejoin(f"cannot process {kind} at seq {event.seq}: {e}")
+            return True
+        return False
+
+    # ---- handlers ------------------------------------------------------------------
+
+    async def _on_reset(self, event: pb.RoomEvent) -> bool:
+        if self.group is None:
+            return False  # waiting with a fresh key package: the DS adds us to the new group
+        self._drop_group()
+        await self._rejoin(f"group retired: {event.reset.reason}")
+        return True
+
+    async def _on_create_group(self, event: pb.RoomEvent) -> bool:
+        request = event.create_group
+        if request.creator != self.identity or self.group is not None:
+            return False
+        self._check_room_config(request.config)
+        group = self.client.create_group(request.group_id, [request.config.ds_signing_identity])
+        try:
+            await self._retry(lambda: self.ds.create_group(event.generation, group.group_info()))
+        except EpochConflict:
+            return False  # the DS gave up on us as creator; it will say what is next
+        self.group = group
+        self.generation = event.generation
+        self._prepare(group, added=(), removed=())
+        self.emit("joined", self.last_info)
+        return False
+
+    async def _on_welcome(self, event: pb.RoomEvent) -> bool:
+        if self.identity not in event.welcome.recipients or self.group is not None:
+            return False
+        if self.room_config is None:
+            return False
+        group = self.client.join_group(event.welcome.message)
+        senders = group.external_senders()
+        if [key for _, key in senders] != [self.room_config.ds_public_key]:
+            raise mls.ValidationError("the group's external sender is not the delivery service")
+        self.group = group
+        self.generation = event.generation
+        # a joiner has no previous epoch: it sends with the new key at once
+        self._prepare(group, added=(), removed=())
+        self._execute(group)
+        await self._ready(group.epoch)
+        self.emit("joined", self.last_info)
+        return False
+
+    async def _on_commit_request(self, group: mls.Group, request: pb.CommitRequest) -> None:
+        if request.epoch != group.epoch or request.committer not in (self.identity, ""):
+            return
+        output = group.commit()
+        try:
+            await self._retry(
+                lambda: self.ds.submit_commit(
+                    group.epoch, output.commit, output.welcome or b"", output.group_info or b""
+                )
+            )
+        except (EpochConflict, InvalidRequest) as e:
+            # another commit won, or proposals came in meanwhile: the stream tells us more
+            log.debug("%s: commit not accepted: %s", self.identity, e)
+            group.discard_pending_commit()
+        # accepted: the commit comes back through the stream and is applied there
+
+    async def _on_commit(self, group: mls.Group, commit: pb.Commit) -> bool:
+        if commit.epoch < group.epoch:
+            return False  # applied already
+        if commit.epoch > group.epoch:
+            raise mls.EpochError(f"missed commits: at epoch {group.epoch}, got {commit.epoch}")
+        applied = group.process_message(commit.message)
+        if not isinstance(applied, mls.CommitApplied):
+            raise mls.ValidationError("the DS relayed a non-commit as commit")
+        if applied.self_removed:
+            return await self._on_removed("removed from the group by a commit")
+        added = tuple(m.identity for m in applied.added)
+        for identity in added:
+            if self.config.accept_member is not None and not self.config.accept_member(identity):
+                self.emit("member_rejected", identity)
+        self._prepare(group, added=added, removed=tuple(m.identity for m in applied.removed))
+        await self._ready(group.epoch)
+        self.emit("epoch_changed", self.last_info)
+        return False
+
+    def _on_execute(self, group: mls.Group, epoch: int) -> None:
+        if epoch == group.epoch and self.executed_epoch < epoch:
+            self._execute(group)
+            self.emit("transition_executed", self.last_info)
+
+    async def _on_removed(self, reason: str) -> bool:
+        self._drop_group()
+        self.emit("removed", reason)
+        if self._stopping or not self.config.rejoin_on_removal:
+            self._stopping = True
+            return True
+        await self._rejoin(reason)
+        return True
+
+    # ---- keys ----------------------------------------------------------------------
+
+    def _prepare(self, group: mls.Group, added: tuple[str, ...], removed: tuple[str, ...]) -> None:
+        epoch = group.epoch
+        members = [m.identity for m in group.members()]
+        keys = self.schedule.epoch_keys(group.export_secret, epoch, members)
+        for identity in removed:
+            # removed members' frames, at any index, must stop decrypting now
+            for index in range(self.config.ring_size):
+                self.sink.set_key(identity, secrets.token_bytes(32), index)
+        for identity, material in keys.material.items():
+            if identity != self.identity:
+                self.sink.set_key(identity, material, keys.key_index)
+        self._next_own = _OwnKey(epoch, keys.key_index, keys.material[self.identity])
+        self._pin_own_key()
+        self.last_info = EpochInfo(
+            epoch=epoch,
+            key_index=keys.key_index,
+            members=tuple(members),
+            added=added,
+            removed=removed,
+            verification_code=verification_code(group.epoch_authenticator()),
+        )
+
+    def _execute(self, group: mls.Group) -> None:
+        new = self._next_own
+        if new is None or new.epoch != group.epoch:
+            return
+        previous = self._own
+        self._own = new
+        self.sink.set_key(self.identity, new.material, new.index)  # last set_key: data too
+        self.sink.set_sender_index(new.index)
+        self.executed_epoch = new.epoch
+        if previous is not None and previous.index != new.index:
+            task = asyncio.ensure_future(self._wipe_later(previous.index, group))
+            self._wipes.add(task)
+            task.add_done_callback(self._wipes.discard)
+
+    def _pin_own_key(self) -> None:
+        """LiveKit encrypts data packets with the index of the last ``set_key`` call:
+        re-install the key we send with last, so data switches only on execute."""
+        if self._own is not None:
+            self.sink.set_key(self.identity, self._own.material, self._own.index)
+
+    async def _wipe_later(self, index: int, group: mls.Group) -> None:
+        await asyncio.sleep(self.config.old_key_grace)
+        live = {k.index for k in (self._own, self._next_own) if k is not None}
+        if index in live or self.group is not group:
+            return  # the slot holds a live epoch again (tiny rings) or we left the group
+        for member in group.members():
+            self.sink.set_key(member.identity, secrets.token_bytes(32), index)
+        self._pin_own_key()
+
+    # ---- joining -------------------------------------------------------------------
+
+    def _check_room_config(self, config: pb.RoomConfig) -> None:
+        pinned = self.config.ds_public_key
+        if pinned is not None and config.ds_public_key != pinned:
+            raise DsKeyMismatch("the delivery service's key is not the pinned one")
+        if config.ring_size != self.config.ring_size:
+            raise SessionError(
+                f"the room's key ring size is {config.ring_size}, this session uses "
+                f"{self.config.ring_size}: configure the same value"
+            )
+        if config.cipher_suite != self.config.cipher_suite:
+            raise SessionError(f"the room's cipher suite is {config.cipher_suite}")
+
+    async def _join(self) -> None:
+        response = await self._retry(lambda: self.ds.join(self.client.generate_key_package()))
+        self._check_room_config(response.config)
+        self.room_config = response.config
+        self.cursor = response.cursor
+        self.generation = response.config.generation
+
+    async def _rejoin(self, reason: str) -> None:
+        log.info("%s: re-joining: %s", self.identity, reason)
+        self._drop_group()
+        self.emit("rejoining", reason)
+        await self._join()
+
+    async def _report_and_rejoin(self, reason: str) -> None:
+        log.warning("%s: %s", self.identity, reason)
+        epoch = self.group.epoch if self.group is not None else 0
+        try:
+            await self._retry(lambda: self.ds.report_failure(epoch, reason))
+        except DeliveryServiceError:
+            pass
+        await self._rejoin(reason)
+
+    def _drop_group(self) -> None:
+        self.group = None
+        self._next_own = None
+        self.executed_epoch = -1
+
+    async def _ready(self, epoch: int) -> None:
+        try:
+            await self._retry(lambda: self.ds.ready(epoch))
+        except (EpochConflict, NotJoined) as e:
+            log.debug("%s: ready for %d not counted: %s", self.identity, epoch, e)
+
+    async def _retry(self, call: Callable[[], Awaitable[T]], attempts: int = 6) -> T:
+        """Retries a (idempotent) unary call while the DS is unreachable."""
+        delay = self.config.retry_initial
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except (Unavailable, ResourceExhausted):
+                if attempt == attempts - 1 or self._stopping:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)
+        raise AssertionError("unreachable")

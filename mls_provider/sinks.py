@@ -1,0 +1,55 @@
+"""Where a session's keys go: LiveKit's key provider, or a recorder (headless mode).
+
+The session decides *what* to install and *when*; a sink only performs it. The order of
+``set_key`` calls is the session's business (LiveKit encrypts data packets with the index
+of the last ``set_key`` call, whatever its identity).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class KeySink(Protocol):
+    def set_key(self, identity: str, material: bytes, key_index: int) -> None:
+        """Installs ``material`` for ``identity`` in slot ``key_index`` of its key ring."""
+
+    def set_sender_index(self, key_index: int) -> None:
+        """Makes every local sender (current and future tracks) encrypt with ``key_index``."""
+
+
+@dataclass
+class SinkRecord:
+    at: float
+    identity: str
+    key_index: int
+    material: bytes = field(repr=False)
+
+
+class HeadlessKeySink:
+    """Records what a LiveKit key provider would receive, with timestamps.
+
+    Used where no LiveKit room exists: benchmarks with hundreds of members on one machine,
+    and unit tests of the session.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[int, bytes]] = {}
+        self.sender_index: int | None = None
+        self.sender_switched_at: float | None = None
+        self.history: list[SinkRecord] = []
+        self.latest_key_index: int | None = None  # what LiveKit would encrypt data with
+
+    def set_key(self, identity: str, material: bytes, key_index: int) -> None:
+        self.keys.setdefault(identity, {})[key_index] = material
+        self.latest_key_index = key_index
+        self.history.append(SinkRecord(time.monotonic(), identity, key_index, material))
+
+    def set_sender_index(self, key_index: int) -> None:
+        self.sender_index = key_index
+        self.sender_switched_at = time.monotonic()
+
+    def key(self, identity: str, key_index: int) -> bytes | None:
+        return self.keys.get(identity, {}).get(key_index)

@@ -1,0 +1,202 @@
+"""A real delivery service process (``python -m delivery_service``) for tests and demos.
+
+Ports are chosen once and kept across ``kill()``/``start()``, so clients reconnect to the
+same address after a crash; the SQLite store lives in the work dir and survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+_HOST = "127.0.0.1"
+
+
+class DeliveryServiceError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((_HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class DeliveryServiceProcess:
+    """``livekit-mls-ds`` as a subprocess on loopback.
+
+    ``store`` defaults to an SQLite file in the work dir (the embedded default); pass a
+    ``redis://`` URL to run on Redis. ``extra_args`` are passed to the CLI as is.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str,
+        *,
+        workdir: str | os.PathLike[str] | None = None,
+        store: str | None = None,
+        livekit_url: str = "",
+        extra_args: tuple[str, ...] = (),
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.api_key = api_key
+        self._api_secret = api_secret
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lkmls-ds-"))
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store = store or f"sqlite:///{self.workdir / 'ds.db'}"
+        self.livekit_url = livekit_url
+        self.extra_args = extra_args
+        self.startup_timeout = startup_timeout
+        self.grpc_port = _free_port()
+        self.http_port = _free_port()
+        self.public_key: bytes = b""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.starts = 0
+
+    def __repr__(self) -> str:
+        return f"<DeliveryServiceProcess {self.target} store={self.store.split('@')[-1]}>"
+
+    @property
+    def target(self) -> str:
+        """gRPC target for :class:`mls_provider.transport.DeliveryClient` / ``MlsE2EE``."""
+        return f"{_HOST}:{self.grpc_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        """Where livekit-server should post its webhooks."""
+        return f"http://{_HOST}:{self.http_port}/livekit/webhook"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_HOST}:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "ds.log"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_lines(self) -> list[dict[str, object]]:
+        """The process's JSON log records (all starts)."""
+        records = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def start(self) -> DeliveryServiceProcess:
+        if self.running:
+            return self
+        env = {
+            **os.environ,
+            "LIVEKIT_API_KEY": self.api_key,
+            "LIVEKIT_API_SECRET": self._api_secret,
+            "LIVEKIT_URL": self.livekit_url,
+        }
+        args = [
+            sys.executable, "-m", "delivery_service",
+            "--grpc-listen", self.target,
+            "--http-listen", f"{_HOST}:{self.http_port}",
+            "--store", self.store,
+            "--log-format", "json",
+            *self.extra_args,
+        ]  # fmt: skip
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
+        self._proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
+        self.starts += 1
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise DeliveryServiceError(
+                    f"delivery service exited with {self._proc.returncode}:\n{self.log_tail()}"
+                )
+            ready = [
+                r
+                for r in self.log_lines()
+                if str(r.get("msg", "")).startswith("delivery service ready")
+            ]
+            if len(ready) >= self.starts:
+                message = str(ready[-1]["msg"])
+                self.public_key = bytes.fromhex(message.rsplit("ds_public_key=", 1)[1].split()[0])
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise DeliveryServiceError(f"delivery service did not start in time:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (graceful: streams drained), then SIGKILL after ``timeout``."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        return self._finish()
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown at all, as in a crash."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._finish()
+
+    def _finish(self) -> int | None:
+        code = None if self._proc is None else self._proc.returncode
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def restart(self) -> DeliveryServiceProcess:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> DeliveryServiceProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

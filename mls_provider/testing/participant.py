@@ -1,0 +1,280 @@
+"""Participants for end-to-end tests: a real ``rtc.Room`` with livekit-mls keys.
+
+:class:`Participant` connects to a LiveKit server, joins the room's MLS group through
+:class:`~mls_provider.MlsE2EE`, optionally publishes a sine tone, decodes every remote
+audio track, and records E2EE state events and data messages — so tests can assert "X
+hears Y", "X cannot decrypt Y", and compare installed keys across members.
+
+``python -m mls_provider.testing.participant ...`` runs one participant in its own process
+(for tests that ``kill -9`` a participant); it prints ``READY <epoch>`` once in the group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+
+from livekit import rtc
+
+from mls_provider.e2ee import MlsE2EE
+from mls_provider.testing.audio import (
+    TonePublisher,
+    ToneRecorder,
+    describe,
+    hears_tone,
+    wait_for_no_tone,
+    wait_for_tone,
+)
+
+DEFAULT_RING_SIZE = 16
+
+
+@dataclass(frozen=True)
+class StateEvent:
+    at: float
+    identity: str  # whose cryptor changed state (the sender, for receive cryptors)
+    state: rtc.EncryptionState
+
+
+@dataclass(frozen=True)
+class DataMessage:
+    at: float
+    sender: str
+    payload: bytes
+
+
+class Participant:
+    """One LiveKit participant. ``mls=False`` joins the LiveKit room without any MLS key
+    (with E2EE enabled but no keys, or with ``encrypted=False`` without E2EE at all)."""
+
+    def __init__(
+        self,
+        identity: str,
+        *,
+        livekit_url: str,
+        token: str,
+        ds_target: str = "",
+        ds_public_key: bytes | None = None,
+        tone_hz: float | None = None,
+        mls: bool = True,
+        encrypted: bool = True,
+        subscribe: bool = True,
+        ring_size: int = DEFAULT_RING_SIZE,
+    ) -> None:
+        self.identity = identity
+        self.subscribe = subscribe
+        self.livekit_url = livekit_url
+        self.token = token
+        self.tone_hz = tone_hz
+        self.mls = mls
+        self.encrypted = encrypted
+        self.ring_size = ring_size
+        self.room = rtc.Room()
+        self.e2ee: MlsE2EE | None = (
+            MlsE2EE(ds_target, token, ds_public_key=ds_public_key, ring_size=ring_size)
+            if mls
+            else None
+        )
+        self.publisher: TonePublisher | None = None
+        self.recorders: dict[str, ToneRecorder] = {}
+        self.state_events: list[StateEvent] = []
+        self.data: list[DataMessage] = []
+        self._track_arrived = asyncio.Event()
+        self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.on("e2ee_state_changed", self._on_e2ee_state)
+        self.room.on("data_received", self._on_data)
+
+    def __repr__(self) -> str:
+        return f"<Participant {self.identity} epoch={self.epoch}>"
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def _options(self) -> rtc.RoomOptions:
+        if self.e2ee is not None:
+            return rtc.RoomOptions(
+                auto_subscribe=self.subscribe, encryption=self.e2ee.encryption_options()
+            )
+        if self.encrypted:  # E2EE on, but never any key
+            options = rtc.E2EEOptions()
+            kp = options.key_provider_options
+            kp.shared_key = None
+            kp.key_derivation_function = rtc.KeyDerivationFunction.HKDF
+            kp.ratchet_window_size = 0
+            kp.failure_tolerance = 0
+            kp.key_ring_size = self.ring_size
+            return rtc.RoomOptions(auto_subscribe=self.subscribe, encryption=options)
+        return rtc.RoomOptions(auto_subscribe=self.subscribe)
+
+    async def join(self, timeout: float = 20.0) -> None:
+        """Connects, joins the MLS group (waits until in it) and starts the tone."""
+        await asyncio.wait_for(
+            self.room.connect(self.livekit_url, self.token, self._options()), timeout
+        )
+        if self.e2ee is not None:
+            await self.e2ee.attach(self.room)
+            assert self.e2ee.session is not None
+            await self.e2ee.session.wait_until(lambda s: s.executed_epoch >= 0, timeout)
+        if self.tone_hz is not None:
+            self.publisher = TonePublisher(self.room, self.tone_hz)
+            await self.publisher.start()
+
+    async def leave(self, *, disconnect: bool = True) -> None:
+        """Leaves the MLS group; with ``disconnect`` also the LiveKit room."""
+        if self.e2ee is not None:
+            await self.e2ee.aclose(leave=True)
+        if disconnect:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.stop(unpublish=False)
+            self.publisher = None
+        for recorder in list(self.recorders.values()):
+            with contextlib.suppress(Exception):
+                await recorder.aclose()
+        self.recorders.clear()
+        if self.e2ee is not None:
+            with contextlib.suppress(Exception):
+                await self.e2ee.aclose(leave=False)
+        with contextlib.suppress(Exception):
+            await self.room.disconnect()
+
+    # ---- observations --------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.e2ee is None else self.e2ee.epoch
+
+    @property
+    def executed_epoch(self) -> int:
+        if self.e2ee is None or self.e2ee.session is None:
+            return -1
+        return self.e2ee.session.executed_epoch
+
+    @property
+    def verification_code(self) -> str | None:
+        return None if self.e2ee is None else self.e2ee.verification_code
+
+    @property
+    def members(self) -> list[str]:
+        return [] if self.e2ee is None else self.e2ee.members
+
+    def installed_key(self, identity: str, epoch: int) -> bytes:
+        """The key material this participant's key provider holds for ``identity`` at the
+        slot of ``epoch`` (LiveKit's ``export_key``)."""
+        provider = self.room.e2ee_manager.key_provider
+        assert provider is not None
+        return provider.export_key(identity, epoch % self.ring_size)
+
+    def failures(self, identity: str, since: float = 0.0) -> list[StateEvent]:
+        """Decryption failures reported for ``identity``'s media after ``since``."""
+        bad = (rtc.EncryptionState.MISSING_KEY, rtc.EncryptionState.DECRYPTION_FAILED)
+        return [
+            e
+            for e in self.state_events
+            if e.identity == identity and e.at >= since and e.state in bad
+        ]
+
+    async def recorder(self, speaker: str, timeout: float = 10.0) -> ToneRecorder:
+        deadline = time.monotonic() + timeout
+        while speaker not in self.recorders:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.identity} never received a track from {speaker}")
+            self._track_arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._track_arrived.wait(), 0.2)
+        return self.recorders[speaker]
+
+    async def hears(self, speaker: Participant, timeout: float = 10.0) -> bool:
+        """True once this participant decodes ``speaker``'s tone."""
+        assert speaker.tone_hz is not None
+        try:
+            recorder = await self.recorder(speaker.identity, timeout)
+        except TimeoutError:
+            return False
+        return await wait_for_tone(recorder, speaker.tone_hz, timeout)
+
+    async def cannot_hear(
+        self, speaker: Participant, timeout: float = 10.0, hold: float = 1.0
+    ) -> bool:
+        """True once ``speaker``'s tone is gone and stays gone for ``hold`` seconds."""
+        assert speaker.tone_hz is not None
+        recorder = self.recorders.get(speaker.identity)
+        if recorder is None:
+            return True  # nothing of it is even decoded
+        if not await wait_for_no_tone(recorder, speaker.tone_hz, timeout):
+            return False
+        start = time.monotonic()
+        await asyncio.sleep(hold)
+        return not hears_tone(recorder.since(start), speaker.tone_hz)
+
+    def describe_audio(self, speaker: Participant, seconds: float = 1.0) -> str:
+        recorder = self.recorders.get(speaker.identity)
+        if recorder is None or speaker.tone_hz is None:
+            return "no track"
+        return describe(recorder.window(seconds), speaker.tone_hz)
+
+    # ---- SDK callbacks -------------------------------------------------------------
+
+    def _on_track_subscribed(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        participant: rtc.RemoteParticipant,
+    ) -> None:
+        if track.kind == rtc.TrackKind.KIND_AUDIO and participant.identity not in self.recorders:
+            self.recorders[participant.identity] = ToneRecorder(track)
+            self._track_arrived.set()
+
+    def _on_e2ee_state(
+        self, participant: rtc.Participant | None, state: rtc.EncryptionState
+    ) -> None:
+        if participant is not None:
+            self.state_events.append(StateEvent(time.monotonic(), participant.identity, state))
+
+    def _on_data(self, packet: rtc.DataPacket) -> None:
+        sender = packet.participant.identity if packet.participant is not None else ""
+        self.data.append(DataMessage(time.monotonic(), sender, bytes(packet.data)))
+
+
+async def _main(args: argparse.Namespace) -> None:
+    participant = Participant(
+        args.identity,
+        livekit_url=args.livekit_url,
+        token=args.token,
+        ds_target=args.ds,
+        ds_public_key=bytes.fromhex(args.ds_public_key) if args.ds_public_key else None,
+        tone_hz=args.tone,
+        ring_size=args.ring_size,
+    )
+    await participant.join()
+    print(f"READY {participant.epoch}", flush=True)
+    try:
+        while True:  # until killed; report the epoch as it moves
+            await asyncio.sleep(0.2)
+            print(f"EPOCH {participant.epoch} {participant.verification_code}", flush=True)
+    finally:
+        await participant.leave()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run one livekit-mls test participant.")
+    parser.add_argument("--identity", required=True)
+    parser.add_argument("--livekit-url", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--ds", required=True, help="delivery service gRPC target host:port")
+    parser.add_argument("--ds-public-key", default="", help="pin the DS key (hex)")
+    parser.add_argument("--tone", type=float, default=None, help="publish a sine of this frequency")
+    parser.add_argument("--ring-size", type=int, default=DEFAULT_RING_SIZE)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(parser.parse_args()))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""pytest plugin ``livekit_mls`` (registered as a ``pytest11`` entry point).
+
+Fixtures (import nothing: installing livekit-mls makes them available):
+
+* ``livekit_server`` — a real ``livekit-server --dev`` on loopback (session);
+* ``delivery_service`` — a real delivery service process on its embedded SQLite store,
+  receiving the server's webhooks (session);
+* ``room_name`` — a fresh room per test;
+* ``participants`` — a factory: ``await participants.join("alice", tone_hz=440)``;
+  everything it created is closed after the test.
+
+Helpers for assertions live in :mod:`mls_provider.testing.assertions`. See
+``examples/test_e2ee_example.py`` for a complete test an app team can copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mls_provider.testing.ds_process import DeliveryServiceProcess
+from mls_provider.testing.livekit_server import LiveKitServer
+
+if TYPE_CHECKING:
+    from mls_provider.testing.participant import Participant
+
+
+@dataclass
+class Stack:
+    livekit: LiveKitServer
+    ds: DeliveryServiceProcess
+
+
+def start_stack(workdir: str, *, ds_args: tuple[str, ...] = ()) -> Stack:
+    """A LiveKit server and a delivery service wired together (webhooks, presence checks)."""
+    livekit = LiveKitServer(workdir=f"{workdir}/livekit")
+    # the DS picks its ports now, so LiveKit can be told where to send webhooks
+    ds = DeliveryServiceProcess(
+        livekit.api_key, livekit.api_secret, workdir=f"{workdir}/ds", extra_args=ds_args
+    )
+    livekit.webhook_urls = [ds.webhook_url]
+    livekit.start()
+    ds.livekit_url = livekit.http_url  # lets the DS verify members' disconnect reports
+    try:
+        ds.start()
+    except BaseException:
+        livekit.stop()
+        raise
+    return Stack(livekit, ds)
+
+
+@pytest.fixture(scope="session")
+def livekit_mls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(str(tmp_path_factory.mktemp("livekit-mls")))
+    try:
+        yield stack
+    finally:
+        stack.ds.stop()
+        stack.livekit.stop()
+
+
+@pytest.fixture(scope="session")
+def livekit_server(livekit_mls_stack: Stack) -> LiveKitServer:
+    return livekit_mls_stack.livekit
+
+
+@pytest.fixture(scope="session")
+def delivery_service(livekit_mls_stack: Stack) -> DeliveryServiceProcess:
+    return livekit_mls_stack.ds
+
+
+_rooms = itertools.count(1)
+
+
+@pytest.fixture
+def room_name(request: pytest.FixtureRequest) -> str:
+    return f"{request.node.name[:40]}-{next(_rooms)}"
+
+
+@dataclass
+class ParticipantFactory:
+    livekit: LiveKitServer
+    ds: DeliveryServiceProcess
+    room: str
+    created: list[Participant] = field(default_factory=list)
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    async def join(
+        self,
+        identity: str,
+        *,
+        tone_hz: float | None = None,
+        mls: bool = True,
+        encrypted: bool = True,
+        subscribe: bool = True,
+        room: str | None = None,
+    ) -> Participant:
+        """A connected participant; with ``mls`` it is in the group when this returns."""
+        participant = self.new(
+            identity, tone_hz=tone_hz, mls=mls, encrypted=encrypted, subscribe=subscribe, room=room
+        )
+        await participant.join()
+        return participant
+
+    def new(
+        self,
+        identity: str,
+        *,
+        tone_hz: float | None = None,
+        mls: bool = True,
+        encrypted: bool = True,
+        subscribe: bool = True,
+        room: str | None = None,
+    ) -> Participant:
+        from mls_provider.testing.participant import Participant
+
+        participant = Participant(
+            identity,
+            livekit_url=self.livekit.url,
+            token=self.livekit.token(identity, room or self.room),
+            ds_target=self.ds.target,
+            ds_public_key=self.ds.public_key,
+            tone_hz=tone_hz,
+            mls=mls,
+            encrypted=encrypted,
+            subscribe=subscribe,
+        )
+        self.created.append(participant)
+        return participant
+
+    async def spawn(self, identity: str, *, tone_hz: float | None = None) -> subprocess.Popen[str]:
+        """A participant in its own process (to be killed); returns once it is in the group."""
+        args = [
+            sys.executable, "-m", "mls_provider.testing.participant",
+            "--identity", identity,
+            "--livekit-url", self.livekit.url,
+            "--token", self.livekit.token(identity, self.room),
+            "--ds", self.ds.target,
+            "--ds-public-key", self.ds.public_key.hex(),
+        ]  # fmt: skip
+        if tone_hz is not None:
+            args += ["--tone", str(tone_hz)]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        if not line.startswith("READY"):
+            proc.kill()
+            raise RuntimeError(f"participant process {identity} failed to join: {line!r}")
+        return proc
+
+    async def close_all(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        await asyncio.gather(*(p.close() for p in self.created), return_exceptions=True)
+
+
+@pytest.fixture
+async def participants(
+    livekit_server: LiveKitServer, delivery_service: DeliveryServiceProcess, room_name: str
+) -> AsyncIterator[ParticipantFactory]:
+    factory = ParticipantFactory(livekit_server, delivery_service, room_name)
+    try:
+        yield factory
+    finally:
+        await factory.close_all()
