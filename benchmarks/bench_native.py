@@ -93,17 +93,27 @@ def run_python(members: int, iterations: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000")
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=20, help="samples per round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating Rust/Python rounds, so both see the same machine noise",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     binary = rust_binary()
 
     rows, results = [], []
     for members in sizes:
-        print(f"N = {members}: Rust ...", flush=True)
-        rust = run_rust(binary, members, args.iterations)
-        print(f"N = {members}: Python ...", flush=True)
-        python = run_python(members, args.iterations)
+        rust: dict[str, list[float]] = {op: [] for op in OPS}
+        python: dict[str, list[float]] = {op: [] for op in OPS}
+        for round_ in range(args.rounds):
+            print(f"N = {members}: round {round_ + 1}/{args.rounds}", flush=True)
+            for op, samples in run_rust(binary, members, args.iterations).items():
+                rust[op] += samples
+            for op, samples in run_python(members, args.iterations).items():
+                python[op] += samples
         for op in OPS:
             r, p = median(rust[op]), median(python[op])
             ratio = p / r
@@ -121,7 +131,9 @@ def main() -> None:
         ["members", "operation", "Rust median (ms)", "Python median (ms)", "Python / Rust"], rows
     )
     print(table)
-    path = write_result("native", {"iterations": args.iterations, "results": results})
+    path = write_result(
+        "native", {"iterations": args.iterations, "rounds": args.rounds, "results": results}
+    )
     print(f"\nwrote {path.relative_to(ROOT)}")
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def _cancel(task: asyncio.Future[object]) -> None:
+async def _cancel(task: asyncio.Future[Any]) -> None:
     """Cancels a task and consumes its outcome (no 'exception never retrieved')."""
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -84,7 +84,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             self.metrics.requests.labels(method, code.name).inc()
         raise AssertionError("unreachable")  # abort() raises
 
-    async def Join(  # noqa: N802 - gRPC method names
+    async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinResponse:
         async def handle(caller: Caller) -> pb.JoinResponse:
@@ -95,7 +95,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("Join", context, handle)
 
-    async def CreateGroup(  # noqa: N802
+    async def CreateGroup(
         self, request: pb.CreateGroupRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateGroupResponse:
         async def handle(caller: Caller) -> pb.CreateGroupResponse:
@@ -108,7 +108,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("CreateGroup", context, handle)
 
-    async def SubmitCommit(  # noqa: N802
+    async def SubmitCommit(
         self, request: pb.SubmitCommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommitResponse:
         async def handle(caller: Caller) -> pb.SubmitCommitResponse:
@@ -136,7 +136,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("SubmitCommit", context, handle)
 
-    async def Ready(  # noqa: N802
+    async def Ready(
         self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReadyResponse:
         async def handle(caller: Caller) -> pb.ReadyResponse:
@@ -145,7 +145,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("Ready", context, handle)
 
-    async def Leave(  # noqa: N802
+    async def Leave(
         self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaveResponse:
         async def handle(caller: Caller) -> pb.LeaveResponse:
@@ -155,7 +155,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("Leave", context, handle)
 
-    async def ReportFailure(  # noqa: N802
+    async def ReportFailure(
         self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportFailureResponse:
         async def handle(caller: Caller) -> pb.ReportFailureResponse:
@@ -173,7 +173,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("ReportFailure", context, handle)
 
-    async def ReportDisconnect(  # noqa: N802
+    async def ReportDisconnect(
         self, request: pb.ReportDisconnectRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportDisconnectResponse:
         async def handle(caller: Caller) -> pb.ReportDisconnectResponse:
@@ -222,7 +222,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         write.result()
         self.metrics.events_delivered.inc()
 
-    async def Subscribe(  # type: ignore[override]  # noqa: N802 - writes, not yields
+    async def Subscribe(  # type: ignore[override]
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> None:
         # Written with context.write (not yield) so that a write stuck on a client that

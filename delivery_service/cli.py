@@ -68,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a("--livekit-url", default=os.environ.get("LIVEKIT_URL", ""),
-      help="LiveKit server URL (env LIVEKIT_URL); when set, disconnect reports from members "
-      "are checked with LiveKit's RoomService before a removal")
+    a(
+        "--livekit-url",
+        default=os.environ.get("LIVEKIT_URL", ""),
+        help="LiveKit server URL (env LIVEKIT_URL); when set, disconnect reports from members "
+        "are checked with LiveKit's RoomService before a removal",
+    )
     a("--grpc-listen", default=_env("GRPC_LISTEN", "127.0.0.1:50051"), help="gRPC host:port")
     a(
         "--http-listen",
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--ds-key-file",
         default=_env("KEY_FILE", ""),
-        help="hex file with the DS signature secret key (default: generated once, kept in the store)",
+        help="hex file with the DS signature secret key "
+        "(default: generated once, kept in the store)",
     )
     a(
         "--print-public-key",

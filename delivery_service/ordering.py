@@ -49,7 +49,7 @@ class OrderingConfig:
     create_timeout: float = 5.0
     # Adds are batched: a commit is requested once no Add came for `batch_quiet`, or
     # `batch_max_wait` after the first pending Add. Removes are requested at once.
-    batch_quiet: float = 0.05
+    batch_quiet: float = 0.02
     batch_max_wait: float = 0.5
 
 

@@ -60,7 +60,8 @@ class DeliveryServer:
     async def _signature_key(self) -> mls.SignatureKeyPair:
         suite = self.settings.ordering.cipher_suite
         if self.settings.ds_key_file:
-            secret = bytes.fromhex(Path(self.settings.ds_key_file).read_text().strip())
+            text = await asyncio.to_thread(Path(self.settings.ds_key_file).read_text)
+            secret = bytes.fromhex(text.strip())
             return mls.SignatureKeyPair.from_secret(secret, suite)
         fresh = mls.SignatureKeyPair.generate(suite).secret_key
         # the first process to start stores its key; every later start reuses it

@@ -24,6 +24,7 @@ old, or an unexpected removal leads to a clean re-join with a new key package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -345,10 +346,11 @@ class MlsSession(EventEmitter):
         epoch = group.epoch
         members = [m.identity for m in group.members()]
         keys = self.schedule.epoch_keys(group.export_secret, epoch, members)
+        garbage = secrets.token_bytes(32)  # unknown to anyone: frames under it never decrypt
         for identity in removed:
             # removed members' frames, at any index, must stop decrypting now
             for index in range(self.config.ring_size):
-                self.sink.set_key(identity, secrets.token_bytes(32), index)
+                self.sink.set_key(identity, garbage, index)
         for identity, material in keys.material.items():
             if identity != self.identity:
                 self.sink.set_key(identity, material, keys.key_index)
@@ -388,8 +390,9 @@ class MlsSession(EventEmitter):
         live = {k.index for k in (self._own, self._next_own) if k is not None}
         if index in live or self.group is not group:
             return  # the slot holds a live epoch again (tiny rings) or we left the group
+        garbage = secrets.token_bytes(32)
         for member in group.members():
-            self.sink.set_key(member.identity, secrets.token_bytes(32), index)
+            self.sink.set_key(member.identity, garbage, index)
         self._pin_own_key()
 
     # ---- joining -------------------------------------------------------------------
@@ -422,10 +425,8 @@ class MlsSession(EventEmitter):
     async def _report_and_rejoin(self, reason: str) -> None:
         log.warning("%s: %s", self.identity, reason)
         epoch = self.group.epoch if self.group is not None else 0
-        try:
+        with contextlib.suppress(DeliveryServiceError):
             await self._retry(lambda: self.ds.report_failure(epoch, reason))
-        except DeliveryServiceError:
-            pass
         await self._rejoin(reason)
 
     def _drop_group(self) -> None:

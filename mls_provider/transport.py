@@ -8,13 +8,16 @@ session can tell "retry after processing the stream" (:class:`EpochConflict`) fr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
 from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.proto import delivery_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
 
 EPOCH_METADATA_KEY = "x-mls-epoch"
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
@@ -154,7 +157,10 @@ class DeliveryClient:
         return (("authorization", f"Bearer {token}"),)
 
     async def join(self, key_package: bytes) -> pb.JoinResponse:
-        return await self._call(self.stub.Join, pb.JoinRequest(key_package=key_package))
+        response: pb.JoinResponse = await self._call(
+            self.stub.Join, pb.JoinRequest(key_package=key_package)
+        )
+        return response
 
     async def create_group(self, generation: int, group_info: bytes) -> int:
         request = pb.CreateGroupRequest(generation=generation, group_info=group_info)
@@ -167,7 +173,8 @@ class DeliveryClient:
         request = pb.SubmitCommitRequest(
             epoch=epoch, commit=commit, welcome=welcome, group_info=group_info
         )
-        return await self._call(self.stub.SubmitCommit, request)
+        response: pb.SubmitCommitResponse = await self._call(self.stub.SubmitCommit, request)
+        return response
 
     async def ready(self, epoch: int) -> None:
         await self._call(self.stub.Ready, pb.ReadyRequest(epoch=epoch))
@@ -194,7 +201,7 @@ class DeliveryClient:
         finally:
             call.cancel()
 
-    async def _call(self, method, request):  # type: ignore[no-untyped-def]
+    async def _call(self, method: Callable[..., Awaitable[R]], request: object) -> R:
         try:
             return await method(request, metadata=self._metadata(), timeout=self.timeout)
         except grpc.aio.AioRpcError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 from delivery_service.model import LogEntry, RoomState
@@ -23,10 +24,10 @@ class Store(abc.ABC):
     def __init__(self, log_retention: int = DEFAULT_LOG_RETENTION) -> None:
         self.log_retention = log_retention
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027 - optional hook
         """Connects and creates the schema."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Flushes and disconnects."""
 
     @abc.abstractmethod
@@ -87,7 +88,8 @@ def open_store(url: str, *, log_retention: int = DEFAULT_LOG_RETENTION) -> Store
 
         return MemoryStore(log_retention=log_retention)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from delivery_service.store.redis import RedisStore
-
-        return RedisStore(url, log_retention=log_retention)
+        # imported on demand: only Redis deployments need the redis client library
+        redis_module = importlib.import_module("delivery_service.store.redis")
+        store: Store = redis_module.RedisStore(url, log_retention=log_retention)
+        return store
     raise ValueError(f"unknown store URL {url!r} (use sqlite:///path, memory:// or redis://...)")

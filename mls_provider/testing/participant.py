@@ -17,6 +17,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from livekit import rtc
 
@@ -25,6 +26,7 @@ from mls_provider.testing.audio import (
     TonePublisher,
     ToneRecorder,
     describe,
+    dominant_frequency,
     hears_tone,
     wait_for_no_tone,
     wait_for_tone,
@@ -37,7 +39,7 @@ DEFAULT_RING_SIZE = 16
 class StateEvent:
     at: float
     identity: str  # whose cryptor changed state (the sender, for receive cryptors)
-    state: rtc.EncryptionState
+    state: int  # an rtc.EncryptionState value
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,12 @@ class Participant:
         self.state_events: list[StateEvent] = []
         self.data: list[DataMessage] = []
         self._track_arrived = asyncio.Event()
+        # speakers whose recorded track went away: a new track of theirs (a re-join with the
+        # same identity) replaces the old recorder instead of being ignored
+        self._stale_recorders: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self.room.on("track_subscribed", self._on_track_subscribed)
+        self.room.on("track_unsubscribed", self._on_track_unsubscribed)
         self.room.on("e2ee_state_changed", self._on_e2ee_state)
         self.room.on("data_received", self._on_data)
 
@@ -173,7 +180,7 @@ class Participant:
 
     def failures(self, identity: str, since: float = 0.0) -> list[StateEvent]:
         """Decryption failures reported for ``identity``'s media after ``since``."""
-        bad = (rtc.EncryptionState.MISSING_KEY, rtc.EncryptionState.DECRYPTION_FAILED)
+        bad = {rtc.EncryptionState.MISSING_KEY, rtc.EncryptionState.DECRYPTION_FAILED}
         return [
             e
             for e in self.state_events
@@ -219,6 +226,23 @@ class Participant:
             return "no track"
         return describe(recorder.window(seconds), speaker.tone_hz)
 
+    def current_tones(self, seconds: float = 0.3) -> dict[str, float]:
+        """Speaker -> frequency of the clear tone in the last ``seconds`` of their decoded
+        audio; speakers heard as noise, silence, or not recently at all are absent.
+        Non-blocking: for live displays (tests should use :meth:`hears`)."""
+        heard: dict[str, float] = {}
+        now = time.monotonic()
+        wanted = int(seconds * 48_000)
+        for speaker, recorder in self.recorders.items():
+            # only audio received lately: a stopped track's last samples are not "heard"
+            samples = recorder.since(now - seconds - 0.2)[-wanted:]
+            if samples.size < wanted * 0.9:
+                continue
+            freq = dominant_frequency(samples, recorder.sample_rate)
+            if hears_tone(samples, freq, sample_rate=recorder.sample_rate):
+                heard[speaker] = freq
+        return heard
+
     # ---- SDK callbacks -------------------------------------------------------------
 
     def _on_track_subscribed(
@@ -227,15 +251,36 @@ class Participant:
         publication: rtc.RemoteTrackPublication,
         participant: rtc.RemoteParticipant,
     ) -> None:
-        if track.kind == rtc.TrackKind.KIND_AUDIO and participant.identity not in self.recorders:
-            self.recorders[participant.identity] = ToneRecorder(track)
+        if track.kind != rtc.TrackKind.KIND_AUDIO:
+            return
+        identity = participant.identity
+        if identity in self._stale_recorders:
+            self._stale_recorders.discard(identity)
+            old = self.recorders.pop(identity, None)
+            if old is not None:
+                task = asyncio.ensure_future(old.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        if identity not in self.recorders:
+            self.recorders[identity] = ToneRecorder(track)
             self._track_arrived.set()
+
+    def _on_track_unsubscribed(
+        self,
+        track: rtc.Track,
+        publication: rtc.RemoteTrackPublication,
+        participant: rtc.RemoteParticipant,
+    ) -> None:
+        if track.kind == rtc.TrackKind.KIND_AUDIO and participant.identity in self.recorders:
+            self._stale_recorders.add(participant.identity)
 
     def _on_e2ee_state(
         self, participant: rtc.Participant | None, state: rtc.EncryptionState
     ) -> None:
         if participant is not None:
-            self.state_events.append(StateEvent(time.monotonic(), participant.identity, state))
+            # the SDK annotates the enum wrapper, but passes the enum's int value
+            value = cast(int, state)
+            self.state_events.append(StateEvent(time.monotonic(), participant.identity, value))
 
     def _on_data(self, packet: rtc.DataPacket) -> None:
         sender = packet.participant.identity if packet.participant is not None else ""

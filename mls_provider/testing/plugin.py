@@ -147,7 +147,7 @@ class ParticipantFactory:
         ]  # fmt: skip
         if tone_hz is not None:
             args += ["--tone", str(tone_hz)]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
         self.processes.append(proc)
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
