@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -115,15 +116,34 @@ class DeliveryServiceProcess:
         except OSError:
             return "<no log>"
 
-    def start(self) -> DeliveryServiceProcess:
-        if self.running:
-            return self
-        env = {
+    def _env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "LIVEKIT_API_KEY": self.api_key,
             "LIVEKIT_API_SECRET": self._api_secret,
             "LIVEKIT_URL": self.livekit_url,
         }
+
+    def _read_public_key(self) -> bytes:
+        # the first start of a store generates the DS key and keeps it there
+        args = [
+            sys.executable,
+            "-m",
+            "delivery_service",
+            "--store",
+            self.store,
+            "--print-public-key",
+        ]
+        out = subprocess.run(args, env=self._env(), capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise DeliveryServiceError(f"cannot read the DS key: {out.stderr.strip()}")
+        return bytes.fromhex(out.stdout.strip())
+
+    def start(self) -> DeliveryServiceProcess:
+        if self.running:
+            return self
+        if not self.public_key:
+            self.public_key = self._read_public_key()
         args = [
             sys.executable, "-m", "delivery_service",
             "--grpc-listen", self.target,
@@ -133,27 +153,25 @@ class DeliveryServiceProcess:
             *self.extra_args,
         ]  # fmt: skip
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self._proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=self._log)
+        self._proc = subprocess.Popen(args, env=self._env(), stdout=self._log, stderr=self._log)
         self.starts += 1
         self._wait_ready()
         return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise DeliveryServiceError(
                     f"delivery service exited with {self._proc.returncode}:\n{self.log_tail()}"
                 )
-            ready = [
-                r
-                for r in self.log_lines()
-                if str(r.get("msg", "")).startswith("delivery service ready")
-            ]
-            if len(ready) >= self.starts:
-                message = str(ready[-1]["msg"])
-                self.public_key = bytes.fromhex(message.rsplit("ds_public_key=", 1)[1].split()[0])
-                return
+            try:
+                with opener.open(f"{self.http_url}/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
             time.sleep(0.05)
         self.kill()
         raise DeliveryServiceError(f"delivery service did not start in time:\n{self.log_tail()}")

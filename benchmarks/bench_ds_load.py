@@ -1,0 +1,247 @@
+"""Delivery service load: many rooms committing at once on one DS process.
+
+``--rooms`` rooms (default 1000) with ``--members`` members each (default 2) run on one real
+DS process (SQLite store, the default). Members are driven directly (MLS engine +
+DeliveryClient, no session logic): in every room, one member commits repeatedly (an
+empty commit: a key update), every member receives the commit on its stream, applies it
+and acks, and the next commit follows the execute. Measured over ``--seconds``:
+
+* accepted commits/s across all rooms;
+* fan-out deliveries/s (log entries written to member streams, from the DS's metrics);
+* submit -> delivered latency: SubmitCommit sent -> the commit event received by the other
+  member(s), p50 and p99;
+* DS memory: resident set size idle with all rooms created, per idle room, and under load.
+
+    .venv/bin/python benchmarks/bench_ds_load.py [--rooms 1000] [--members 2] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import secrets
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import markdown_table, percentile, write_result
+from livekit import api
+
+from mls_provider import mls
+from mls_provider.testing.ds_process import DeliveryServiceProcess
+from mls_provider.transport import DeliveryClient, EpochConflict
+
+API_KEY = "bench-key"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def metric(ds: DeliveryServiceProcess, name: str) -> float:
+    with urllib.request.urlopen(f"{ds.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+class Member:
+    def __init__(self, identity: str, room: str, ds: DeliveryServiceProcess, secret: str) -> None:
+        token = (
+            api.AccessToken(API_KEY, secret)
+            .with_identity(identity)
+            .with_grants(api.VideoGrants(room_join=True, room=room))
+            .to_jwt()
+        )
+        self.identity = identity
+        self.client = DeliveryClient(ds.target, token)
+        self.mls = mls.MlsClient(identity, mls.SignatureKeyPair.generate())
+        self.group: mls.Group | None = None
+        self.cursor = 0
+        self.events: asyncio.Queue[object] = asyncio.Queue()
+
+
+class BenchRoom:
+    """One room driven step by step: create, join the others, then commit in a loop."""
+
+    def __init__(self, name: str, members: list[Member]) -> None:
+        self.name = name
+        self.members = members
+        self.latencies: list[float] = []
+        self.accepted = 0
+        self._delivered: dict[int, list[float]] = {}
+
+    async def _follow(self, member: Member) -> None:
+        async for event in member.client.subscribe(member.cursor):
+            member.cursor = event.seq
+            await self._handle(member, event)
+
+    async def _handle(self, member: Member, event: object) -> None:
+        from delivery_service.proto import delivery_pb2 as pb
+
+        assert isinstance(event, pb.RoomEvent)
+        kind = event.WhichOneof("event")
+        if kind == "create_group" and event.create_group.creator == member.identity:
+            member.group = member.mls.create_group(
+                event.create_group.group_id, [event.create_group.config.ds_signing_identity]
+            )
+            await member.client.create_group(event.generation, member.group.group_info())
+        elif kind == "welcome" and member.group is None:
+            member.group = member.mls.join_group(event.welcome.message)
+            await member.client.ready(member.group.epoch)
+        elif member.group is None:
+            return
+        elif kind == "proposal" and event.proposal.epoch == member.group.epoch:
+            member.group.process_message(event.proposal.message)
+        elif kind == "commit_request" and event.commit_request.committer in (member.identity, ""):
+            if event.commit_request.epoch == member.group.epoch:
+                out = member.group.commit()
+                try:
+                    await member.client.submit_commit(
+                        member.group.epoch, out.commit, out.welcome or b"", out.group_info or b""
+                    )
+                except EpochConflict:
+                    member.group.discard_pending_commit()
+        elif kind == "commit" and event.commit.epoch == member.group.epoch:
+            member.group.process_message(event.commit.message)
+            self._delivered.setdefault(member.group.epoch, []).append(time.monotonic())
+            await member.client.ready(member.group.epoch)
+        await member.events.put(event)
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        tasks = []
+        for member in self.members:
+            response = await member.client.join(member.mls.generate_key_package())
+            member.cursor = response.cursor
+            tasks.append(asyncio.create_task(self._follow(member)))
+        return tasks
+
+    async def ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            groups = [m.group for m in self.members]
+            if all(g is not None for g in groups):
+                epochs = {g.epoch for g in groups if g is not None}
+                if len(epochs) == 1 and all(
+                    g.member_count == len(self.members) for g in groups if g
+                ):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"room {self.name} did not form")
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The first member commits; the rest receive. Repeats until ``stop``."""
+        committer = self.members[0]
+        while not stop.is_set():
+            group = committer.group
+            assert group is not None
+            epoch = group.epoch
+            out = group.commit()
+            sent = time.monotonic()
+            try:
+                await committer.client.submit_commit(epoch, out.commit, b"", out.group_info or b"")
+            except EpochConflict:  # the previous transition is still executing
+                group.discard_pending_commit()
+                await asyncio.sleep(0.005)
+                continue
+            self.accepted += 1
+            new_epoch = epoch + 1
+            while len(self._delivered.get(new_epoch, [])) < len(self.members):
+                await asyncio.sleep(0.001)
+            others = self._delivered[new_epoch][1:] or self._delivered[new_epoch]
+            self.latencies.append((max(others) - sent) * 1000)
+            del self._delivered[new_epoch]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", type=int, default=1000)
+    parser.add_argument("--members", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    secret = secrets.token_urlsafe(40)
+    with tempfile.TemporaryDirectory() as tmp:
+        # a long execute timeout: transitions execute on ready acks, never on the deadline
+        ds = DeliveryServiceProcess(
+            API_KEY,
+            secret,
+            workdir=tmp,
+            extra_args=("--log-level", "warning", "--rate", "1000", "--burst", "1000"),
+        )
+        ds.start()
+        assert ds.pid is not None
+        base_rss = rss_mib(ds.pid)
+        rooms = [
+            BenchRoom(
+                f"room{r}",
+                [Member(f"m{i}", f"room{r}", ds, secret) for i in range(args.members)],
+            )
+            for r in range(args.rooms)
+        ]
+        print(f"creating {args.rooms} rooms x {args.members} members ...", flush=True)
+        t0 = time.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        for chunk in range(0, len(rooms), 50):
+            batch = rooms[chunk : chunk + 50]
+            for started in await asyncio.gather(*(r.start() for r in batch)):
+                tasks += started
+            await asyncio.gather(*(r.ready() for r in batch))
+        setup = time.monotonic() - t0
+        idle_rss = rss_mib(ds.pid)
+        print(f"rooms ready in {setup:.1f} s; DS RSS {idle_rss:.0f} MiB; loading ...", flush=True)
+
+        delivered_before = metric(ds, "lkmls_events_delivered_total")
+        stop = asyncio.Event()
+        runners = [asyncio.create_task(r.run(stop)) for r in rooms]
+        start = time.monotonic()
+        await asyncio.sleep(args.seconds)
+        loaded_rss = rss_mib(ds.pid)
+        stop.set()
+        await asyncio.gather(*runners)
+        elapsed = time.monotonic() - start
+        delivered = metric(ds, "lkmls_events_delivered_total") - delivered_before
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for room in rooms:
+            for member in room.members:
+                await member.client.close()
+        ds.stop()
+
+    latencies = [lat for r in rooms for lat in r.latencies]
+    accepted = sum(r.accepted for r in rooms)
+    result = {
+        "rooms": args.rooms,
+        "members_per_room": args.members,
+        "seconds": round(elapsed, 1),
+        "accepted_commits_per_s": accepted / elapsed,
+        "deliveries_per_s": delivered / elapsed,
+        "submit_to_delivered_p50_ms": percentile(latencies, 50),
+        "submit_to_delivered_p99_ms": percentile(latencies, 99),
+        "ds_rss_start_mib": base_rss,
+        "ds_rss_idle_rooms_mib": idle_rss,
+        "ds_rss_per_idle_room_kib": (idle_rss - base_rss) * 1024 / args.rooms,
+        "ds_rss_loaded_mib": loaded_rss,
+        "setup_seconds": setup,
+    }
+    print(
+        markdown_table(
+            ["rooms", "members/room", "commits/s", "deliveries/s", "submit->delivered p50 (ms)",
+             "p99 (ms)", "DS RSS idle (MiB)", "per idle room (KiB)", "DS RSS loaded (MiB)"],
+            [[args.rooms, args.members, f"{result['accepted_commits_per_s']:.0f}",
+              f"{result['deliveries_per_s']:.0f}", f"{result['submit_to_delivered_p50_ms']:.0f}",
+              f"{result['submit_to_delivered_p99_ms']:.0f}", f"{idle_rss:.0f}",
+              f"{result['ds_rss_per_idle_room_kib']:.0f}", f"{loaded_rss:.0f}"]],
+        )
+    )  # fmt: skip
+    print(f"\nwrote {write_result('ds_load', result)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
