@@ -64,16 +64,21 @@ async def main() -> None:
         runs.append(result)
     epochs = [r["epochs"] for r in runs]
     seconds = [r["seconds"] for r in runs]
-    print(
-        markdown_table(
-            ["joiners", "over (s)", "runs", "epochs (median / max)", "converged (s, median / max)"],
-            [[args.joiners, args.spread, args.runs, f"{percentile(epochs, 50):.0f} / {max(epochs):.0f}",
-              f"{percentile(seconds, 50):.2f} / {max(seconds):.2f}"]],
-        )
-    )  # fmt: skip
-    print(
-        f"\nwrote {write_result('burst', {'joiners': args.joiners, 'spread_s': args.spread, 'runs': runs})}"
+    table = markdown_table(
+        ["joiners", "over (s)", "runs", "epochs (median / max)", "converged (s, median / max)"],
+        [
+            [
+                args.joiners,
+                args.spread,
+                args.runs,
+                f"{percentile(epochs, 50):.0f} / {max(epochs):.0f}",
+                f"{percentile(seconds, 50):.2f} / {max(seconds):.2f}",
+            ]
+        ],
     )
+    print(table)
+    path = write_result("burst", {"joiners": args.joiners, "spread_s": args.spread, "runs": runs})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def mls_sizes(members: int) -> dict[str, int]:
     ds = mls.ExternalObserver("livekit-mls-ds", mls.SignatureKeyPair.generate())
     clients = [client(f"m{i:07d}") for i in range(members)]  # 8-byte identities
     group = clients[0].create_group(b"wire", [ds.signing_identity()])
-    output = group.commit(add=[c.generate_key_package() for c in clients[1:]])
+    group.commit(add=[c.generate_key_package() for c in clients[1:]])
     group.apply_pending_commit()
     observed = ds.observe(group.group_info())
 
