@@ -12,10 +12,14 @@ process (SQLite store). Then, repeatedly, one more member joins and leaves again
   epoch (DS proposal, commit request and commit included).
 
 All N members run in this one process and share its CPU with each other; on real devices
-they process in parallel. The per-member critical path is reported too: DS ordering +
-one member's processing, measured as the *first* member's switch instead of the last.
+they process in parallel. So two figures are reported per size:
 
-    .venv/bin/python benchmarks/bench_session.py [--sizes 10,50] [--samples 30]
+* **wall clock**: as measured here, every member's processing serialized on one CPU;
+* **critical path** of one client: the DS, transport and ack round trips as measured at
+  N = 2 (where members' processing is negligible) plus one member's own processing of a
+  commit at size N (measured per member here: applying the commit and installing keys).
+
+    .venv/bin/python benchmarks/bench_session.py [--sizes 2,10,50,200,1000] [--samples 30]
 """
 
 from __future__ import annotations
@@ -31,12 +35,30 @@ from common import markdown_table, percentile, write_result
 from livekit import api
 
 from delivery_service.proto import delivery_pb2 as pb
+from mls_provider import mls
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.transport import DeliveryClient
 
 API_KEY = "bench-key"
+
+
+PROCESSING_MS: list[float] = []
+
+
+def _instrument_processing() -> None:
+    """Records how long each member spends applying a commit and installing its keys."""
+    original = MlsSession._apply_commit
+
+    def timed(self: MlsSession, group: mls.Group, commit: pb.Commit) -> mls.CommitApplied:
+        start = time.perf_counter()
+        try:
+            return original(self, group, commit)
+        finally:
+            PROCESSING_MS.append((time.perf_counter() - start) * 1000)
+
+    MlsSession._apply_commit = timed  # type: ignore[method-assign]
 
 
 class TimedDeliveryClient(DeliveryClient):
@@ -114,7 +136,7 @@ class Room:
         await asyncio.gather(*(m.client.close() for m in self.members.values()))
 
 
-async def measure(members: int, samples: int) -> dict[str, list[float]]:
+async def measure(members: int, samples: int, wave: int) -> dict[str, list[float]]:
     secret = secrets.token_urlsafe(40)
     with tempfile.TemporaryDirectory() as tmp:
         ds = DeliveryServiceProcess(API_KEY, secret, workdir=tmp)
@@ -122,7 +144,6 @@ async def measure(members: int, samples: int) -> dict[str, list[float]]:
         room = Room(ds, secret, f"bench-{members}")
         try:
             # build the room: concurrent joins in waves (the DS batches them into few epochs)
-            wave = 25
             for start in range(0, members, wave):
                 await asyncio.gather(
                     *(room.add(f"m{i}") for i in range(start, min(start + wave, members)))
@@ -158,49 +179,63 @@ async def measure(members: int, samples: int) -> dict[str, list[float]]:
                 result["exposure_ms"].append((max(switched) - accepted[0]) * 1000)
                 result["exposure_first_ms"].append((min(switched) - accepted[0]) * 1000)
                 result["removal_total_ms"].append((max(switched) - t_leave) * 1000)
+            result["processing_ms"] = list(PROCESSING_MS)
             return result
         finally:
             await room.stop()
             ds.stop()
 
 
-def summarize(name: str, samples: list[float]) -> tuple[str, str]:
-    return f"{percentile(samples, 50):.0f}", f"{percentile(samples, 99):.0f}"
+def plan(members: int, samples: int) -> tuple[int, int]:
+    """(samples, join wave size) for a group size: fewer samples for big groups."""
+    if members <= 50:
+        return samples, 25
+    if members <= 200:
+        return max(5, samples // 3), 50
+    return max(3, samples // 6), 100
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10,50")
-    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--sizes", default="2,10,50,200,1000")
+    parser.add_argument("--samples", type=int, default=30, help="join/leave pairs (N <= 50)")
     args = parser.parse_args()
+    _instrument_processing()
     rows, results = [], []
+    base: dict[str, float] | None = None  # DS + transport, from the smallest size
     for members in [int(s) for s in args.sizes.split(",")]:
-        print(
-            f"N = {members}: building the room and measuring {args.samples} join/leave pairs",
-            flush=True,
+        samples, wave = plan(members, args.samples)
+        print(f"N = {members}: building the room, then {samples} join/leave pairs", flush=True)
+        data = await measure(members, samples, wave)
+        processing = percentile(data["processing_ms"], 50)
+        if base is None:
+            base = {
+                "join": percentile(data["join_ms"], 50) - processing,
+                "exposure": percentile(data["exposure_ms"], 50) - processing,
+            }
+        critical = {k: base[k] + processing for k in base}
+        rows.append(
+            [
+                members, samples,
+                f"{percentile(data['join_ms'], 50):.0f}", f"{percentile(data['join_ms'], 99):.0f}",
+                f"{percentile(data['exposure_ms'], 50):.0f}",
+                f"{percentile(data['exposure_ms'], 99):.0f}",
+                f"{percentile(data['removal_total_ms'], 50):.0f}",
+                f"{processing:.1f}",
+                f"{critical['join']:.0f}", f"{critical['exposure']:.0f}",
+            ]
+        )  # fmt: skip
+        results.append(
+            {"members": members, "samples": samples, "critical_path_ms": critical, **data}
         )
-        data = await measure(members, args.samples)
-        j50, j99 = summarize("join", data["join_ms"])
-        e50, e99 = summarize("exposure", data["exposure_ms"])
-        f50, f99 = summarize("exposure_first", data["exposure_first_ms"])
-        r50, r99 = summarize("removal", data["removal_total_ms"])
-        rows.append([members, args.samples, j50, j99, e50, e99, f50, f99, r50, r99])
-        results.append({"members": members, "samples": args.samples, **data})
     table = markdown_table(
         [
-            "members",
-            "samples",
-            "join p50 (ms)",
-            "join p99 (ms)",
-            "exposure p50 (ms)",
-            "exposure p99 (ms)",
-            "critical path p50 (ms)",
-            "critical path p99 (ms)",
-            "leave->switched p50 (ms)",
-            "leave->switched p99 (ms)",
+            "members", "samples", "join p50 (ms)", "join p99 (ms)", "exposure p50 (ms)",
+            "exposure p99 (ms)", "leave->switched p50 (ms)", "one member's processing (ms)",
+            "critical path: join (ms)", "critical path: exposure (ms)",
         ],
         rows,
-    )
+    )  # fmt: skip
     print(table)
     path = write_result("session", {"results": results})
     print(f"\nwrote {path}")

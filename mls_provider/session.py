@@ -312,19 +312,26 @@ class MlsSession(EventEmitter):
             return False  # applied already
         if commit.epoch > group.epoch:
             raise mls.EpochError(f"missed commits: at epoch {group.epoch}, got {commit.epoch}")
+        applied = self._apply_commit(group, commit)
+        if applied.self_removed:
+            return await self._on_removed("removed from the group by a commit")
+        await self._ready(group.epoch)
+        self.emit("epoch_changed", self.last_info)
+        return False
+
+    def _apply_commit(self, group: mls.Group, commit: pb.Commit) -> mls.CommitApplied:
+        """Applies the commit and prepares the new epoch's keys (all CPU, no I/O)."""
         applied = group.process_message(commit.message)
         if not isinstance(applied, mls.CommitApplied):
             raise mls.ValidationError("the DS relayed a non-commit as commit")
         if applied.self_removed:
-            return await self._on_removed("removed from the group by a commit")
+            return applied
         added = tuple(m.identity for m in applied.added)
         for identity in added:
             if self.config.accept_member is not None and not self.config.accept_member(identity):
                 self.emit("member_rejected", identity)
         self._prepare(group, added=added, removed=tuple(m.identity for m in applied.removed))
-        await self._ready(group.epoch)
-        self.emit("epoch_changed", self.last_info)
-        return False
+        return applied
 
     def _on_execute(self, group: mls.Group, epoch: int) -> None:
         if epoch == group.epoch and self.executed_epoch < epoch:
