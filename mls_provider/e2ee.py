@@ -12,6 +12,7 @@ await e2ee.aclose()          # leaves the group (also done when the room disconn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -58,15 +59,10 @@ class MlsE2EE:
         if isinstance(ds_public_key, str):
             ds_public_key = bytes.fromhex(ds_public_key)
         base = config or SessionConfig()
-        self.config = SessionConfig(
+        self.config = dataclasses.replace(
+            base,
             ring_size=ring_size,
-            cipher_suite=base.cipher_suite,
             ds_public_key=ds_public_key if ds_public_key is not None else base.ds_public_key,
-            old_key_grace=base.old_key_grace,
-            retry_initial=base.retry_initial,
-            retry_max=base.retry_max,
-            rejoin_on_removal=base.rejoin_on_removal,
-            accept_member=base.accept_member,
         )
         target, default_credentials = _target(ds_url)
         self.ds = DeliveryClient(target, token, credentials=credentials or default_credentials)

@@ -75,6 +75,8 @@ class SessionConfig:
     old_key_grace: float = 2.0
     retry_initial: float = 0.1
     retry_max: float = 5.0
+    # how long a call keeps being retried while the DS is unreachable (e.g. restarting)
+    retry_timeout: float = 30.0
     # join again (new key package) if removed while still wanting to be in the room
     rejoin_on_removal: bool = True
     # called for every identity a commit adds; False raises a "member_rejected" event
@@ -447,15 +449,16 @@ class MlsSession(EventEmitter):
         except (EpochConflict, NotJoined) as e:
             log.debug("%s: ready for %d not counted: %s", self.identity, epoch, e)
 
-    async def _retry(self, call: Callable[[], Awaitable[T]], attempts: int = 6) -> T:
-        """Retries a (idempotent) unary call while the DS is unreachable."""
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retries an idempotent unary call while the DS is unreachable, with backoff, for
+        up to ``retry_timeout`` seconds."""
         delay = self.config.retry_initial
-        for attempt in range(attempts):
+        deadline = asyncio.get_running_loop().time() + self.config.retry_timeout
+        while True:
             try:
                 return await call()
             except (Unavailable, ResourceExhausted):
-                if attempt == attempts - 1 or self._stopping:
+                if self._stopping or asyncio.get_running_loop().time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
-        raise AssertionError("unreachable")
