@@ -207,7 +207,7 @@ class MlsSession(EventEmitter):
                 backoff = min(backoff * 2, self.config.retry_max)
             except (CursorTooOld, NotJoined) as e:
                 await self._rejoin(f"stream refused: {e.message}")
-            except (Unauthenticated, PermissionDenied, DsKeyMismatch) as e:
+            except (Unauthenticated, PermissionDenied, SessionError) as e:
                 log.error("%s: fatal: %s", self.identity, e)
                 self.emit("error", e)
                 return
@@ -265,6 +265,7 @@ class MlsSession(EventEmitter):
             return False
         self._check_room_config(request.config)
         group = self.client.create_group(request.group_id, [request.config.ds_signing_identity])
+        self._check_external_sender(group, request.config)
         try:
             await self._retry(lambda: self.ds.create_group(event.generation, group.group_info()))
         except EpochConflict:
@@ -281,9 +282,7 @@ class MlsSession(EventEmitter):
         if self.room_config is None:
             return False
         group = self.client.join_group(event.welcome.message)
-        senders = group.external_senders()
-        if [key for _, key in senders] != [self.room_config.ds_public_key]:
-            raise mls.ValidationError("the group's external sender is not the delivery service")
+        self._check_external_sender(group, self.room_config)
         self.group = group
         self.generation = event.generation
         # a joiner has no previous epoch: it sends with the new key at once
@@ -417,6 +416,13 @@ class MlsSession(EventEmitter):
             )
         if config.cipher_suite != self.config.cipher_suite:
             raise SessionError(f"the room's cipher suite is {config.cipher_suite}")
+
+    @staticmethod
+    def _check_external_sender(group: mls.Group, config: pb.RoomConfig) -> None:
+        """The group's only external sender must hold the DS key the room config names
+        (checked against the pinned key, if any, by ``_check_room_config``)."""
+        if [key for _, key in group.external_senders()] != [config.ds_public_key]:
+            raise DsKeyMismatch("the group's external sender is not the delivery service's key")
 
     async def _join(self) -> None:
         response = await self._retry(lambda: self.ds.join(self.client.generate_key_package()))
