@@ -1,0 +1,222 @@
+"""The client session against a real DS over gRPC (in-process, SQLite): recovery paths,
+configuration checks, and the key installation order LiveKit depends on."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from livekit import api
+
+from delivery_service.ordering import OrderingConfig
+from delivery_service.server import DeliveryServer
+from delivery_service.settings import Settings
+from mls_provider import mls
+from mls_provider.session import DsKeyMismatch, MlsSession, SessionConfig, SessionError
+from mls_provider.sinks import HeadlessKeySink
+from mls_provider.transport import DeliveryClient
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = "session-test"
+SECRET = secrets.token_urlsafe(40)
+
+
+def token(identity: str, room: str = "room") -> str:
+    grants = api.VideoGrants(room_join=True, room=room)
+    return api.AccessToken(KEY, SECRET).with_identity(identity).with_grants(grants).to_jwt()
+
+
+def settings(store: str) -> Settings:
+    return Settings(
+        livekit_api_key=KEY,
+        livekit_api_secret=SECRET,
+        grpc_listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        store=store,
+        ordering=OrderingConfig(execute_timeout=2.0),
+    )
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[DeliveryServer]:
+    ds = DeliveryServer(settings(f"sqlite:///{tmp_path / 'ds.db'}"))
+    await ds.start()
+    yield ds
+    await ds.stop()
+
+
+class Room:
+    def __init__(self, target: str, public_key: bytes) -> None:
+        self.target = target
+        self.public_key = public_key
+        self.sessions: dict[str, MlsSession] = {}
+
+    async def join(self, identity: str, **config: object) -> MlsSession:
+        session = MlsSession(
+            DeliveryClient(self.target, token(identity)),
+            identity,
+            HeadlessKeySink(),
+            SessionConfig(ds_public_key=self.public_key, retry_max=0.5, **config),  # type: ignore[arg-type]
+        )
+        await session.start()
+        self.sessions[identity] = session
+        return session
+
+    async def converged(self, timeout: float = 15.0) -> int:
+        async def check() -> int:
+            while True:
+                sessions = list(self.sessions.values())
+                codes = {s.verification_code for s in sessions}
+                epochs = {(s.epoch, s.executed_epoch) for s in sessions}
+                rosters = {tuple(sorted(s.members)) for s in sessions}
+                if (
+                    len(codes) == 1
+                    and None not in codes
+                    and len(epochs) == 1
+                    and len({e for pair in epochs for e in pair}) == 1
+                    and rosters == {tuple(sorted(self.sessions))}
+                ):
+                    epoch = sessions[0].epoch
+                    assert epoch is not None
+                    return epoch
+                await asyncio.sleep(0.02)
+
+        return await asyncio.wait_for(check(), timeout)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.stop(leave=False) for s in self.sessions.values()))
+        await asyncio.gather(*(s.ds.close() for s in self.sessions.values()))
+
+
+@pytest.fixture
+async def room(server: DeliveryServer) -> AsyncIterator[Room]:
+    assert server.observer is not None
+    r = Room(f"127.0.0.1:{server.grpc_port}", server.observer.public_key)
+    yield r
+    await r.close()
+
+
+def sink(session: MlsSession) -> HeadlessKeySink:
+    assert isinstance(session.sink, HeadlessKeySink)
+    return session.sink
+
+
+async def test_keys_and_data_index_follow_prepare_then_execute(room: Room) -> None:
+    """Remote keys are installed at prepare; our own key and the data index switch only at
+    execute; LiveKit's 'last set_key index' (data packets) always equals the send index."""
+    alice = await room.join("alice")
+    await room.join("bob")
+    epoch = await room.converged()
+    index = epoch % 16
+    for session in room.sessions.values():
+        s = sink(session)
+        assert s.sender_index == index
+        assert s.latest_key_index == index  # data packets use the send index
+        for identity in room.sessions:
+            assert s.key(identity, index) == room.sessions["alice"].sink.key(identity, index)  # type: ignore[attr-defined]
+
+    # between prepare and execute: bob holds carol's new key, but sends (and pins data) old
+    seen: list[tuple[int | None, int | None]] = []
+    alice.on(
+        "epoch_changed",
+        lambda info: seen.append((sink(alice).sender_index, sink(alice).latest_key_index)),
+    )
+    await room.join("carol")
+    new_epoch = await room.converged()
+    assert seen and seen[0] == (index, index), "prepare must not move the send or data index"
+    assert sink(alice).sender_index == new_epoch % 16 == sink(alice).latest_key_index
+
+
+async def test_removed_member_rejoins_automatically(room: Room) -> None:
+    """A member the DS removes while it still wants to be in the room joins again."""
+    await room.join("alice")
+    bob = await room.join("bob")
+    await room.converged()
+    removed: list[str] = []
+    bob.on("removed", removed.append)
+    reporter = DeliveryClient(room.target, token("alice"))
+    before = room.sessions["alice"].epoch
+    assert before is not None
+    await reporter.report_disconnect("bob")  # e.g. a network blip seen by alice
+    await reporter.close()
+    # removal, then re-join: two more epochs, and bob is back
+    await bob.wait_until(lambda s: (s.epoch or 0) >= before + 2 and s.executed_epoch == s.epoch, 20)
+    await room.converged(timeout=20)
+    assert removed, "bob was never removed"
+    assert "bob" in room.sessions["alice"].members
+
+
+async def test_processing_failure_reports_and_rejoins(room: Room) -> None:
+    """A member that fails to apply a commit reports it and comes back with a new leaf."""
+    await room.join("alice")
+    bob = await room.join("bob")
+    await room.converged()
+    original = bob._apply_commit
+    failures = {"left": 1}
+
+    def broken(group: mls.Group, commit: object) -> mls.CommitApplied:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise mls.ValidationError("simulated corrupt state")
+        return original(group, commit)  # type: ignore[arg-type]
+
+    bob._apply_commit = broken  # type: ignore[method-assign]
+    rejoins: list[str] = []
+    bob.on("rejoining", rejoins.append)
+    await room.join("carol")
+    await room.converged(timeout=20)
+    assert rejoins and "simulated corrupt state" in rejoins[0]
+
+
+async def test_stream_resumes_after_ds_restart(tmp_path: Path) -> None:
+    """A graceful DS restart on the same store: sessions resume from their cursors."""
+    store = f"sqlite:///{tmp_path / 'ds.db'}"
+    first = DeliveryServer(settings(store))
+    await first.start()
+    port = first.grpc_port
+    assert first.observer is not None
+    room = Room(f"127.0.0.1:{port}", first.observer.public_key)
+    try:
+        await room.join("alice")
+        await room.join("bob")
+        before = await room.converged()
+        await first.stop()
+        second_settings = settings(store)
+        second_settings.grpc_listen = f"127.0.0.1:{port}"
+        second = DeliveryServer(second_settings)
+        await second.start()
+        try:
+            await room.join("carol")
+            after = await room.converged(timeout=20)
+            assert after > before
+        finally:
+            await room.close()
+            await second.stop()
+    finally:
+        await first.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda public_key: {"ring_size": 8}, SessionError),
+        (lambda public_key: {"ds_public_key": bytes(32)}, DsKeyMismatch),
+    ],
+)
+async def test_configuration_mismatches_fail_at_start(
+    room: Room, change: Callable[[bytes], dict[str, object]], error: type[Exception]
+) -> None:
+    config = {"ds_public_key": room.public_key, "retry_max": 0.5, **change(room.public_key)}
+    session = MlsSession(
+        DeliveryClient(room.target, token("zed")),
+        "zed",
+        HeadlessKeySink(),
+        SessionConfig(**config),  # type: ignore[arg-type]
+    )
+    with pytest.raises(error):
+        await session.start()
+    await session.ds.close()
