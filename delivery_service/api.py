@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from delivery_service.auth import Authenticator, Caller
 from delivery_service.errors import (
     EPOCH_METADATA_KEY,
     DeliveryError,
     EpochConflict,
+    InvalidRequest,
     PermissionDenied,
 )
 from delivery_service.fanout import SlowSubscriber, StreamClosed
@@ -33,6 +35,53 @@ from delivery_service.rooms import RoomManager
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Undecodable:
+    """A request whose bytes are not the method's protobuf message."""
+
+    def __init__(self, message_type: str, error: str) -> None:
+        self.message_type = message_type
+        self.error = error
+
+
+def _tolerant(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message_type.__name__, str(e))
+
+    return parse
+
+
+def register(server: grpc.aio.Server, servicer: DeliveryServicer) -> None:
+    """Adds the service to ``server`` like the generated ``add_..._to_server``, except that a
+    request that is not valid protobuf reaches the handler (as :class:`Undecodable`) and is
+    answered INVALID_ARGUMENT, not grpcio's UNKNOWN."""
+    service = pb.DESCRIPTOR.services_by_name["DeliveryService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _check_decoded(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(f"the request is not a valid {request.message_type}: {request.error}")
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
@@ -60,6 +109,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
     async def _unary(
         self,
         method: str,
+        request: object,
         context: grpc.aio.ServicerContext,
         handler: Callable[[Caller], Awaitable[T]],
     ) -> T:
@@ -67,6 +117,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         try:
             caller = self.auth.authenticate(context.invocation_metadata())
             self.rate.check((caller.room, caller.identity))
+            _check_decoded(request)
             return await handler(caller)
         except DeliveryError as e:
             code = e.status
@@ -93,7 +144,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             log.info("join room=%s identity=%s", caller.room, caller.identity)
             return response
 
-        return await self._unary("Join", context, handle)
+        return await self._unary("Join", request, context, handle)
 
     async def CreateGroup(
         self, request: pb.CreateGroupRequest, context: grpc.aio.ServicerContext
@@ -106,7 +157,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             log.info("group created room=%s by=%s", caller.room, caller.identity)
             return response
 
-        return await self._unary("CreateGroup", context, handle)
+        return await self._unary("CreateGroup", request, context, handle)
 
     async def SubmitCommit(
         self, request: pb.SubmitCommitRequest, context: grpc.aio.ServicerContext
@@ -134,7 +185,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             )
             return response
 
-        return await self._unary("SubmitCommit", context, handle)
+        return await self._unary("SubmitCommit", request, context, handle)
 
     async def Ready(
         self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext
@@ -143,7 +194,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             await self.manager.ready(caller.room, caller.identity, request.epoch)
             return pb.ReadyResponse()
 
-        return await self._unary("Ready", context, handle)
+        return await self._unary("Ready", request, context, handle)
 
     async def Leave(
         self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
@@ -153,7 +204,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
                 log.info("leave room=%s identity=%s", caller.room, caller.identity)
             return pb.LeaveResponse()
 
-        return await self._unary("Leave", context, handle)
+        return await self._unary("Leave", request, context, handle)
 
     async def ReportFailure(
         self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext
@@ -171,7 +222,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
             await self.manager.leave(caller.room, caller.identity)
             return pb.ReportFailureResponse()
 
-        return await self._unary("ReportFailure", context, handle)
+        return await self._unary("ReportFailure", request, context, handle)
 
     async def ReportDisconnect(
         self, request: pb.ReportDisconnectRequest, context: grpc.aio.ServicerContext
@@ -198,7 +249,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
                 )
             return pb.ReportDisconnectResponse()
 
-        return await self._unary("ReportDisconnect", context, handle)
+        return await self._unary("ReportDisconnect", request, context, handle)
 
     async def _write(
         self,
@@ -231,6 +282,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         failed = asyncio.Event()
         try:
             caller = self.auth.authenticate(context.invocation_metadata())
+            _check_decoded(request)
             stream = self.manager.stream(
                 caller.room, caller.identity, request.after, on_fail=lambda _: failed.set()
             )

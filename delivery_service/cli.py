@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(print_public_key(settings) if args.print_public_key else serve(settings))
     except KeyboardInterrupt:
         pass
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -50,7 +50,9 @@ def make_app(
         if not room or not identity:
             metrics.webhooks.labels(kind, "rejected").inc()
             return web.json_response({"error": "event names no room or participant"}, status=400)
-        removed = await manager.leave(room, identity, left_at=float(event.created_at or 0) or None)
+        # created_at is whole seconds: a leave in the same second as the join must count
+        left_at = float(event.created_at) + 1.0 if event.created_at else None
+        removed = await manager.leave(room, identity, left_at=left_at)
         metrics.webhooks.labels(kind, "removed" if removed else "noop").inc()
         log.info("webhook %s room=%s identity=%s removed=%s", kind, room, identity, removed)
         return web.json_response({"status": "removed" if removed else "noop"})

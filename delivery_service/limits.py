@@ -29,8 +29,9 @@ class Limits:
 
     def check_size(self, field: str, value: bytes | str) -> None:
         limit: int = getattr(self, field)
-        if len(value) > limit:
-            raise TooLarge(f"{field} is {len(value)} bytes; the limit is {limit}")
+        size = len(value.encode()) if isinstance(value, str) else len(value)
+        if size > limit:
+            raise TooLarge(f"{field} is {size} bytes; the limit is {limit}")
 
 
 class RateLimiter:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from delivery_service.errors import (
     DeliveryError,
@@ -61,7 +61,7 @@ class RoomManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._published: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -82,6 +82,8 @@ class RoomManager:
         self._timers.clear()
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._tasks:  # let running transactions finish their write and publish
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -116,7 +118,18 @@ class RoomManager:
         return lock
 
     async def transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
-        """Runs ``operation`` on the room's state and persists what it did."""
+        """Runs ``operation`` on the room's state and persists what it did.
+
+        Shielded from the caller: a client that gives up (deadline, disconnect) must not
+        interrupt a transaction whose write may already be committed — its entries still
+        have to be published and its deadlines armed.
+        """
+        task = asyncio.ensure_future(self._transact(room, operation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
         async with self._lock(room):
             for _ in range(MAX_ATTEMPTS):
                 cached = await self._load(room)
@@ -233,6 +246,8 @@ class RoomManager:
     async def ready(self, room: str, identity: str, epoch: int) -> None:
         cached = await self._load(room)
         state = cached.state
+        if identity not in state.participants and identity not in state.members:
+            raise NotFound(f"{identity!r} has not joined room {room!r}")
         if not CommitOrdering.ready_counts(state, identity, epoch):
             return
         ready = await self.store.mark_ready(room, state.generation, epoch, identity)

@@ -13,14 +13,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from livekit import api
 
-from delivery_service.api import DeliveryServicer
+from delivery_service.api import DeliveryServicer, register
 from delivery_service.auth import Authenticator
 from delivery_service.fanout import Hub
 from delivery_service.http import make_app
 from delivery_service.metrics import Metrics
 from delivery_service.ordering import CommitOrdering
 from delivery_service.presence import LiveKitPresence
-from delivery_service.proto import delivery_pb2, delivery_pb2_grpc
+from delivery_service.proto import delivery_pb2
 from delivery_service.rooms import RoomManager
 from delivery_service.settings import DS_IDENTITY, Settings
 from delivery_service.store import Store, open_store
@@ -55,6 +55,7 @@ class DeliveryServer:
         self._health = health_aio.HealthServicer()
         self._ready = False
         self._presence: LiveKitPresence | None = None
+        self._store_open = False
         self._stopped = asyncio.Event()
 
     async def _signature_key(self) -> mls.SignatureKeyPair:
@@ -79,8 +80,17 @@ class DeliveryServer:
         )
 
     async def start(self) -> None:
+        """Opens the store and binds both listeners; on any failure, undoes what it did."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         await self.store.open()
+        self._store_open = True
         key = await self._signature_key()
         self.observer = mls.ExternalObserver(DS_IDENTITY, key)
         ordering = CommitOrdering(self.observer, s.ordering)
@@ -95,9 +105,9 @@ class DeliveryServer:
         self._grpc = grpc.aio.server(options=options)
         if s.livekit_url:
             self._presence = LiveKitPresence(s.livekit_url, s.livekit_api_key, s.livekit_api_secret)
-        delivery_pb2_grpc.add_DeliveryServiceServicer_to_server(
-            DeliveryServicer(self.manager, authenticator, s.limits, self.metrics, self._presence),
+        register(
             self._grpc,
+            DeliveryServicer(self.manager, authenticator, s.limits, self.metrics, self._presence),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
@@ -111,11 +121,14 @@ class DeliveryServer:
         host, port = _split(s.grpc_listen)
         credentials = self._credentials()
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.grpc_port = (
-            self._grpc.add_secure_port(address, credentials)
-            if credentials is not None
-            else self._grpc.add_insecure_port(address)
-        )
+        try:
+            self.grpc_port = (
+                self._grpc.add_secure_port(address, credentials)
+                if credentials is not None
+                else self._grpc.add_insecure_port(address)
+            )
+        except RuntimeError as e:  # grpcio's way of saying the address is taken
+            raise OSError(f"cannot listen on {s.grpc_listen} (gRPC): {e}") from e
         await self._grpc.start()
 
         receiver = api.WebhookReceiver(api.TokenVerifier(s.livekit_api_key, s.livekit_api_secret))
@@ -124,7 +137,10 @@ class DeliveryServer:
         await self._http.setup()
         http_host, http_port = _split(s.http_listen)
         site = web.TCPSite(self._http, http_host, http_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise OSError(f"cannot listen on {s.http_listen} (HTTP): {e.strerror or e}") from e
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else http_port
@@ -149,17 +165,25 @@ class DeliveryServer:
         self._ready = False
         await self._health.enter_graceful_shutdown()
         self.hub.close_all()
+        await self._teardown()
+        log.info("delivery service stopped")
+
+    async def _teardown(self) -> None:
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
+            self._grpc = None
         if self._http is not None:
             await self._http.cleanup()
+            self._http = None
         if self.manager is not None:
             await self.manager.stop()
         if self._presence is not None:
             await self._presence.close()
-        await self.store.close()
+            self._presence = None
+        if self._store_open:
+            await self.store.close()
+            self._store_open = False
         self._stopped.set()
-        log.info("delivery service stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
