@@ -246,6 +246,11 @@ class CommitOrdering:
                 raise InvalidRequest(f"the commit adds members but welcome is invalid: {e}") from e
             if welcome_info.wire_format != "welcome":
                 raise InvalidRequest("the commit adds members but carries no Welcome")
+            added_refs = {p.kp_ref for p in state.pending if p.kind == "add"}
+            if set(welcome_info.welcome_recipients) != added_refs:
+                raise InvalidRequest(
+                    "the Welcome is not addressed to the key packages the commit adds"
+                )
         if group_info:
             try:
                 gi_info = mls.message_info(group_info)

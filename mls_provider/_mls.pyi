@@ -115,6 +115,8 @@ class MessageInfo:
     sender_kind: str | None
     sender_index: int | None
     cipher_suite: int | None
+    welcome_recipients: list[bytes]
+    """For a Welcome: the KeyPackageRefs of its recipients (empty otherwise)."""
 
 @final
 class KeyPackageInfo:

@@ -546,3 +546,28 @@ async def test_a_tick_with_nothing_due_changes_nothing(env: Env) -> None:
     before = await room_snapshot(env.store, ROOM)
     await env.tick(1.0)
     assert await room_snapshot(env.store, ROOM) == before
+
+
+async def test_a_welcome_not_addressed_to_the_added_key_packages_is_rejected(env: Env) -> None:
+    """The Welcome must name exactly the key packages the commit adds: a Welcome from
+    another commit (here: one adding a stranger) is INVALID_ARGUMENT, nothing stored; the
+    genuine one is accepted."""
+    alice, _bob = await env.grow("alice", "bob")
+    epoch = alice.require_group().epoch
+    await env.join("carol")
+    proposal = [e.proposal for e in await env.events() if e.HasField("proposal")][-1]
+    group = alice.require_group()
+    group.process_message(proposal.message)
+    genuine = group.commit()
+    group.discard_pending_commit()
+    stranger = mls.MlsClient("stranger", mls.SignatureKeyPair.generate())
+    foreign = group.commit(add=[stranger.generate_key_package()])
+    group.discard_pending_commit()
+    assert foreign.welcome is not None and genuine.welcome is not None
+    forged = pb.SubmitCommitRequest(
+        epoch=epoch, commit=genuine.commit, welcome=foreign.welcome,
+        group_info=genuine.group_info or b"",
+    )  # fmt: skip
+    await env.assert_rejected(InvalidRequest, env.manager.submit_commit(ROOM, "alice", forged))
+    response = await env.manager.submit_commit(ROOM, "alice", _request(epoch, genuine))
+    assert response.epoch == epoch + 1

@@ -108,8 +108,9 @@ fn kind_of(err: &MlsError) -> ErrorKind {
         | GroupNotFound
         | CommitRequired
         | SelfRemoveAlreadyProposed => ErrorKind::State,
-        CryptoProviderError(_)
-        | KeyPackageRepoError(_)
+        // HPKE opens and signature checks fail on bad input: a validation failure
+        CryptoProviderError(_) => ErrorKind::Validation,
+        KeyPackageRepoError(_)
         | GroupStorageError(_)
         | PskStoreError(_)
         | MlsRulesError(_)

@@ -229,6 +229,8 @@ pub struct MessageInfo {
     pub sender_kind: Option<SenderKind>,
     pub sender_index: Option<u32>,
     pub cipher_suite: Option<u16>,
+    /// For a Welcome: the KeyPackageRefs of its recipients.
+    pub welcome_recipients: Vec<Vec<u8>>,
 }
 
 pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
@@ -249,6 +251,11 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
         sender_kind: None,
         sender_index: None,
         cipher_suite: message.cipher_suite().map(u16::from),
+        welcome_recipients: message
+            .welcome_key_package_references()
+            .iter()
+            .map(|r| r.to_vec())
+            .collect(),
     };
     match message.description() {
         D::PublicProtocolMessage {

@@ -261,6 +261,7 @@ struct MessageInfo {
     sender_kind: Option<&'static str>,
     sender_index: Option<u32>,
     cipher_suite: Option<u16>,
+    welcome_recipients: Vec<Vec<u8>>,
 }
 
 #[pymethods]
@@ -792,6 +793,7 @@ fn message_info(message: &[u8]) -> PyResult<MessageInfo> {
         sender_kind: info.sender_kind.map(engine::SenderKind::as_str),
         sender_index: info.sender_index,
         cipher_suite: info.cipher_suite,
+        welcome_recipients: info.welcome_recipients,
     })
 }
 
