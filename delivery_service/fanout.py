@@ -83,9 +83,6 @@ class Hub:
             for sub in list(self._rooms.get(room, ())):
                 sub.offer(entries)
 
-    def has_subscribers(self, room: str) -> bool:
-        return room in self._rooms
-
     def close_all(self) -> None:
         for subs in list(self._rooms.values()):
             for sub in list(subs):

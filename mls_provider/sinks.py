@@ -8,7 +8,6 @@ of the last ``set_key`` call, whatever its identity).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -20,16 +19,8 @@ class KeySink(Protocol):
         """Makes every local sender (current and future tracks) encrypt with ``key_index``."""
 
 
-@dataclass
-class SinkRecord:
-    at: float
-    identity: str
-    key_index: int
-    material: bytes = field(repr=False)
-
-
 class HeadlessKeySink:
-    """Records what a LiveKit key provider would receive, with timestamps.
+    """Records what a LiveKit key provider would hold, and when the sender switched.
 
     Used where no LiveKit room exists: benchmarks with hundreds of members on one machine,
     and unit tests of the session.
@@ -39,13 +30,11 @@ class HeadlessKeySink:
         self.keys: dict[str, dict[int, bytes]] = {}
         self.sender_index: int | None = None
         self.sender_switched_at: float | None = None
-        self.history: list[SinkRecord] = []
         self.latest_key_index: int | None = None  # what LiveKit would encrypt data with
 
     def set_key(self, identity: str, material: bytes, key_index: int) -> None:
         self.keys.setdefault(identity, {})[key_index] = material
         self.latest_key_index = key_index
-        self.history.append(SinkRecord(time.monotonic(), identity, key_index, material))
 
     def set_sender_index(self, key_index: int) -> None:
         self.sender_index = key_index
