@@ -112,7 +112,8 @@ def section_session(data: dict[str, Any]) -> str:
             r["members"], r["samples"],
             f"{percentile(r['join_ms'], 50):.0f}", f"{percentile(r['join_ms'], 99):.0f}",
             f"{percentile(r['exposure_ms'], 50):.0f}", f"{percentile(r['exposure_ms'], 99):.0f}",
-            f"{percentile(r['processing_ms'], 50):.1f}",
+            f"{percentile(r['processing_join_ms'], 50):.1f} / "
+            f"{percentile(r['processing_leave_ms'], 50):.1f}",
             f"{r['critical_path_ms']['join']:.0f}", f"{r['critical_path_ms']['exposure']:.0f}",
         ])  # fmt: skip
     lines = [
@@ -137,7 +138,7 @@ def section_session(data: dict[str, Any]) -> str:
                 "join p99 (ms)",
                 "exposure p50 (ms)",
                 "exposure p99 (ms)",
-                "one member's processing p50 (ms)",
+                "one member's processing p50, join / leave (ms)",
                 "critical path join (ms)",
                 "critical path exposure (ms)",
             ],

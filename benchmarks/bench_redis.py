@@ -1,0 +1,376 @@
+"""Delivery service scale-out: 1, 2 and 3 DS processes on one Redis vs 1 DS on SQLite.
+
+Same workload on every configuration: ``--rooms`` rooms (default 100) of ``--members``
+headless members (default 4). The members of a room are spread over the DS processes
+(member i of room r talks to process (r + i) mod N), so most deliveries cross processes
+through Redis. In every room one member commits repeatedly (an empty commit: a key
+update); every member receives the commit on its stream, applies it and acks Ready; the
+next commit follows the execute. Members are driven directly (MLS engine +
+DeliveryClient), in ``--workers`` client processes so the client side is not the limit.
+Measured over ``--seconds`` per configuration:
+
+* accepted commits/s across all rooms;
+* fan-out deliveries/s (log entries written to member streams, summed over the DS
+  processes' metrics);
+* submit -> delivered latency: SubmitCommit sent -> the commit received by every other
+  member of the room, p50 and p99;
+* transitions executed on ready acks vs on the deadline (acks given to different
+  processes must add up: a deadline execution here means a lost ack).
+
+Redis runs with ``appendonly yes`` and ``--appendfsync`` (default ``always``: durable
+before the reply, like the SQLite store's ``synchronous=FULL``).
+
+    .venv/bin/python benchmarks/bench_redis.py [--rooms 100] [--members 4] [--seconds 15]
+        [--configs sqlite,redis1,redis2,redis3] [--workers 2] [--appendfsync always]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import re
+import secrets
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+from common import markdown_table, percentile, write_result
+from livekit import api
+
+from delivery_service.proto import delivery_pb2 as pb
+from mls_provider import mls
+from mls_provider.testing.ds_process import DeliveryServiceProcess
+from mls_provider.testing.redis_server import RedisServer
+from mls_provider.transport import DeliveryClient, EpochConflict, ResourceExhausted, Unavailable
+
+API_KEY = "bench-redis-key"
+DS_ARGS = ("--log-level", "warning", "--rate", "100000", "--burst", "100000")
+CONFIGS = {"sqlite": ("sqlite", 1), "redis1": ("redis", 1), "redis2": ("redis", 2),
+           "redis3": ("redis", 3)}  # fmt: skip
+
+
+# ---- one client process ------------------------------------------------------------------
+
+
+class Member:
+    def __init__(self, identity: str, room: str, target: str, secret: str) -> None:
+        token = (
+            api.AccessToken(API_KEY, secret)
+            .with_identity(identity)
+            .with_grants(api.VideoGrants(room_join=True, room=room))
+            .to_jwt()
+        )
+        self.identity = identity
+        self.client = DeliveryClient(target, token, timeout=60.0)
+        self.mls = mls.MlsClient(identity, mls.SignatureKeyPair.generate())
+        self.group: mls.Group | None = None
+        self.cursor = 0
+
+
+class BenchRoom:
+    """One room: members join and form the group, then the first member commits in a loop."""
+
+    def __init__(self, name: str, members: list[Member]) -> None:
+        self.name = name
+        self.members = members
+        self.latencies: list[float] = []
+        self.accepted = 0
+        self._delivered: dict[int, list[float]] = {}
+
+    async def _follow(self, member: Member) -> None:
+        while True:
+            try:
+                async for event in member.client.subscribe(member.cursor):
+                    await self._handle(member, event)
+                    member.cursor = event.seq
+            except (ResourceExhausted, Unavailable):  # cut off or moved: resume
+                await asyncio.sleep(0.05)
+
+    async def _handle(self, member: Member, event: pb.RoomEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "create_group" and event.create_group.creator == member.identity:
+            member.group = member.mls.create_group(
+                event.create_group.group_id, [event.create_group.config.ds_signing_identity]
+            )
+            await member.client.create_group(event.generation, member.group.group_info())
+        elif kind == "welcome" and member.group is None:
+            if member.identity in event.welcome.recipients:
+                member.group = member.mls.join_group(event.welcome.message)
+                await member.client.ready(member.group.epoch)
+        elif member.group is None:
+            return
+        elif kind == "proposal" and event.proposal.epoch == member.group.epoch:
+            member.group.process_message(event.proposal.message)
+        elif kind == "commit_request" and event.commit_request.committer in (member.identity, ""):
+            if event.commit_request.epoch == member.group.epoch:
+                out = member.group.commit()
+                try:
+                    await member.client.submit_commit(
+                        member.group.epoch, out.commit, out.welcome or b"", out.group_info or b""
+                    )
+                except EpochConflict:
+                    member.group.discard_pending_commit()
+        elif kind == "commit" and event.commit.epoch == member.group.epoch:
+            member.group.process_message(event.commit.message)
+            self._delivered.setdefault(member.group.epoch, []).append(time.monotonic())
+            await member.client.ready(member.group.epoch)
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        tasks = []
+        for member in self.members:
+            response = await member.client.join(member.mls.generate_key_package())
+            member.cursor = response.cursor
+            tasks.append(asyncio.create_task(self._follow(member)))
+        return tasks
+
+    async def formed(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            groups = [m.group for m in self.members]
+            formed = all(g is not None and g.member_count == len(self.members) for g in groups)
+            if formed and len({g.epoch for g in groups if g is not None}) == 1:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"room {self.name} did not form")
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        committer = self.members[0]
+        while not stop.is_set():
+            group = committer.group
+            assert group is not None
+            epoch = group.epoch
+            out = group.commit()
+            sent = time.monotonic()
+            try:
+                await committer.client.submit_commit(epoch, out.commit, b"", out.group_info or b"")
+            except EpochConflict:  # the previous transition is still executing
+                group.discard_pending_commit()
+                await asyncio.sleep(0.005)
+                continue
+            self.accepted += 1
+            new_epoch = epoch + 1
+            # polling: no extra task or event on the measured path
+            while len(self._delivered.get(new_epoch, [])) < len(self.members):  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+            others = self._delivered.pop(new_epoch)[1:] or [sent]
+            self.latencies.append((max(others) - sent) * 1000)
+
+
+async def client_main(
+    targets: list[str], rooms: list[int], members: int, seconds: float, secret: str, go: Barrier
+) -> dict[str, Any]:
+    bench_rooms = [
+        BenchRoom(
+            f"room{r}",
+            [
+                Member(f"m{i}", f"room{r}", targets[(r + i) % len(targets)], secret)
+                for i in range(members)
+            ],
+        )
+        for r in rooms
+    ]
+    tasks: list[asyncio.Task[None]] = []
+    for chunk in range(0, len(bench_rooms), 25):
+        batch = bench_rooms[chunk : chunk + 25]
+        for started in await asyncio.gather(*(r.start() for r in batch)):
+            tasks += started
+        await asyncio.gather(*(r.formed() for r in batch))
+    await asyncio.to_thread(go.wait)  # every client process is ready: measure together
+    stop = asyncio.Event()
+    runners = [asyncio.create_task(r.run(stop)) for r in bench_rooms]
+    start = time.monotonic()
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*runners)
+    elapsed = time.monotonic() - start
+    await asyncio.to_thread(go.wait)  # the main process reads the metrics now
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for room in bench_rooms:
+        for member in room.members:
+            await member.client.close()
+    return {
+        "accepted": sum(r.accepted for r in bench_rooms),
+        "latencies_ms": [lat for r in bench_rooms for lat in r.latencies],
+        "elapsed": elapsed,
+    }
+
+
+def client_process(
+    targets: list[str],
+    rooms: list[int],
+    members: int,
+    seconds: float,
+    secret: str,
+    go: Barrier,
+    results: multiprocessing.Queue[dict[str, Any]],
+) -> None:
+    results.put(asyncio.run(client_main(targets, rooms, members, seconds, secret, go)))
+
+
+# ---- the main process --------------------------------------------------------------------
+
+
+def metrics(ds: DeliveryServiceProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"{ds.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for name in ("lkmls_events_delivered_total", "lkmls_commits_accepted_total"):
+        match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        values[name] = float(match.group(1)) if match else 0.0
+    for trigger in ("all_ready", "deadline"):
+        match = re.search(
+            rf'^lkmls_transitions_total{{trigger="{trigger}"}} ([0-9.e+]+)$', text, re.M
+        )
+        values[trigger] = float(match.group(1)) if match else 0.0
+    return values
+
+
+def total(procs: list[DeliveryServiceProcess]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for ds in procs:
+        for key, value in metrics(ds).items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums
+
+
+@dataclass
+class Outcome:
+    config: str
+    store: str
+    processes: int
+    commits_per_s: float
+    deliveries_per_s: float
+    p50_ms: float
+    p99_ms: float
+    deadline_transitions: int
+    ready_transitions: int
+    setup_s: float
+
+
+def run_config(name: str, args: argparse.Namespace, workdir: Path) -> Outcome:
+    kind, count = CONFIGS[name]
+    secret = secrets.token_urlsafe(40)
+    redis: RedisServer | None = None
+    procs: list[DeliveryServiceProcess] = []
+    try:
+        if kind == "redis":
+            redis = RedisServer(
+                workdir=workdir / "redis", appendonly=True, appendfsync=args.appendfsync
+            ).start()
+        for i in range(count):
+            store = redis.url if redis is not None else None
+            ds = DeliveryServiceProcess(
+                API_KEY, secret, workdir=workdir / f"ds{i}", store=store, extra_args=DS_ARGS
+            )
+            procs.append(ds.start())
+        targets = [ds.target for ds in procs]
+        ctx = multiprocessing.get_context("spawn")
+        workers = max(1, min(args.workers, args.rooms))
+        go = ctx.Barrier(workers + 1)
+        results: multiprocessing.Queue[dict[str, Any]] = ctx.Queue()
+        clients = [
+            ctx.Process(
+                target=client_process,
+                args=(targets, list(range(w, args.rooms, workers)), args.members, args.seconds,
+                      secret, go, results),
+            )
+            for w in range(workers)
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        for process in clients:
+            process.start()
+        go.wait(timeout=600)  # rooms formed everywhere
+        setup = time.monotonic() - t0
+        before = total(procs)
+        go.wait(timeout=args.seconds + 120)  # measurement over
+        after = total(procs)
+        parts = [results.get(timeout=120) for _ in clients]
+        for process in clients:
+            process.join(timeout=60)
+    finally:
+        for ds in procs:
+            ds.stop()
+        if redis is not None:
+            redis.close()
+    elapsed = max(p["elapsed"] for p in parts)
+    latencies = [lat for p in parts for lat in p["latencies_ms"]]
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    return Outcome(
+        config=name,
+        store=kind,
+        processes=count,
+        commits_per_s=sum(p["accepted"] for p in parts) / elapsed,
+        deliveries_per_s=delta["lkmls_events_delivered_total"] / elapsed,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        deadline_transitions=int(delta["deadline"]),
+        ready_transitions=int(delta["all_ready"]),
+        setup_s=setup,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--configs", default="sqlite,redis1,redis2,redis3")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument("--appendfsync", default="always", choices=["always", "everysec", "no"])
+    args = parser.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        for name in names:
+            print(f"== {name}: {args.rooms} rooms x {args.members} members ...", flush=True)
+            outcome = run_config(name, args, Path(tmp) / name)
+            print(
+                f"   {outcome.commits_per_s:.0f} commits/s, {outcome.deliveries_per_s:.0f} "
+                f"deliveries/s, p99 {outcome.p99_ms:.0f} ms (setup {outcome.setup_s:.0f} s)",
+                flush=True,
+            )
+            outcomes.append(outcome)
+
+    table = markdown_table(
+        ["store", "DS processes", "commits/s", "deliveries/s", "submit->delivered p50 (ms)",
+         "p99 (ms)", "transitions on acks / on deadline"],
+        [[o.store, o.processes, f"{o.commits_per_s:.0f}", f"{o.deliveries_per_s:.0f}",
+          f"{o.p50_ms:.0f}", f"{o.p99_ms:.0f}",
+          f"{o.ready_transitions} / {o.deadline_transitions}"] for o in outcomes],
+    )  # fmt: skip
+    description = (
+        f"{args.rooms} rooms x {args.members} headless members, members of a room spread "
+        f"over the DS processes, one member per room committing in a loop for "
+        f"{args.seconds:g} s; {args.workers} client processes; Redis appendonly yes, "
+        f"appendfsync {args.appendfsync}; SQLite synchronous=FULL."
+    )
+    print("\n" + table)
+    path = write_result(
+        "redis",
+        {
+            "rooms": args.rooms,
+            "members_per_room": args.members,
+            "seconds": args.seconds,
+            "workers": args.workers,
+            "appendfsync": args.appendfsync,
+            "results": [o.__dict__ for o in outcomes],
+            "markdown": description + "\n\n" + table,
+        },
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
