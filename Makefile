@@ -95,6 +95,11 @@ test-python: $(VENV)/.native $(LIVEKIT_SERVER)
 demo: $(VENV)/.native $(LIVEKIT_SERVER)  ## live room: livekit-server + DS (SQLite) + participants
 	$(PY) -m mls_provider.demo
 
+SCENARIO ?= scenarios/leave-and-kill.yaml
+.PHONY: harness
+harness: $(VENV)/.native $(LIVEKIT_SERVER)  ## run a scenario: make harness SCENARIO=file.yaml
+	$(PY) -m mls_provider.testing.harness_cli --scenario $(SCENARIO)
+
 bench: $(VENV)/.native $(LIVEKIT_SERVER)  ## run every benchmark, rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py
 

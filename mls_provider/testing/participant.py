@@ -7,6 +7,8 @@ hears Y", "X cannot decrypt Y", and compare installed keys across members.
 
 ``python -m mls_provider.testing.participant ...`` runs one participant in its own process
 (for tests that ``kill -9`` a participant); it prints ``READY <epoch>`` once in the group.
+With ``--events`` it also prints ``EVENT <json>`` lines (session events, E2EE state
+changes, tones heard) for a parent that follows it, e.g. the scenario runner.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +25,10 @@ from typing import cast
 from livekit import rtc
 
 from mls_provider.e2ee import MlsE2EE
+from mls_provider.events import Callback
+from mls_provider.session import EpochInfo
 from mls_provider.testing.audio import (
+    SAMPLE_RATE,
     TonePublisher,
     ToneRecorder,
     describe,
@@ -145,6 +151,7 @@ class Participant:
             with contextlib.suppress(Exception):
                 await recorder.aclose()
         self.recorders.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self.e2ee is not None:
             with contextlib.suppress(Exception):
                 await self.e2ee.aclose(leave=False)
@@ -189,7 +196,8 @@ class Participant:
 
     async def recorder(self, speaker: str, timeout: float = 10.0) -> ToneRecorder:
         deadline = time.monotonic() + timeout
-        while speaker not in self.recorders:
+        # a recorder whose track went away is waited over: its speaker may come back
+        while speaker not in self.recorders or speaker in self._stale_recorders:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.identity} never received a track from {speaker}")
             self._track_arrived.clear()
@@ -232,7 +240,7 @@ class Participant:
         Non-blocking: for live displays (tests should use :meth:`hears`)."""
         heard: dict[str, float] = {}
         now = time.monotonic()
-        wanted = int(seconds * 48_000)
+        wanted = int(seconds * SAMPLE_RATE)
         for speaker, recorder in self.recorders.items():
             # only audio received lately: a stopped track's last samples are not "heard"
             samples = recorder.since(now - seconds - 0.2)[-wanted:]
@@ -287,6 +295,44 @@ class Participant:
         self.data.append(DataMessage(time.monotonic(), sender, bytes(packet.data)))
 
 
+def _emit(kind: str, payload: dict[str, object]) -> None:
+    """One ``EVENT <json>`` line (``--events``): what a parent process needs to follow this
+    participant — session events, E2EE state changes and the tones it hears. No keys."""
+    print("EVENT " + json.dumps({"t": time.monotonic(), "event": kind, **payload}), flush=True)
+
+
+def _report_events(participant: Participant) -> None:
+    assert participant.e2ee is not None
+
+    def session_event(name: str) -> Callback:
+        def handler(arg: object) -> None:
+            session = participant.e2ee.session if participant.e2ee is not None else None
+            payload: dict[str, object] = {
+                "executed": -1 if session is None else session.executed_epoch
+            }
+            if isinstance(arg, EpochInfo):
+                payload.update(
+                    epoch=arg.epoch,
+                    key_index=arg.key_index,
+                    members=list(arg.members),
+                    code=arg.verification_code,
+                )
+            else:
+                payload["reason"] = str(arg)
+            _emit(name, payload)
+
+        return handler
+
+    for name in ("joined", "epoch_changed", "transition_executed", "removed", "rejoining"):
+        participant.e2ee.on(name, session_event(name))
+
+    def state_changed(p: rtc.Participant | None, state: rtc.EncryptionState) -> None:
+        if p is not None:
+            _emit("e2ee_state", {"identity": p.identity, "state": cast(int, state)})
+
+    participant.room.on("e2ee_state_changed", state_changed)
+
+
 async def _main(args: argparse.Namespace) -> None:
     participant = Participant(
         args.identity,
@@ -297,12 +343,16 @@ async def _main(args: argparse.Namespace) -> None:
         tone_hz=args.tone,
         ring_size=args.ring_size,
     )
+    if args.events:
+        _report_events(participant)
     await participant.join()
     print(f"READY {participant.epoch}", flush=True)
     try:
         while True:  # until killed; report the epoch as it moves
             await asyncio.sleep(0.2)
             print(f"EPOCH {participant.epoch} {participant.verification_code}", flush=True)
+            if args.events:
+                _emit("status", {"heard": participant.current_tones()})
     finally:
         await participant.leave()
 
@@ -316,6 +366,11 @@ def main() -> None:
     parser.add_argument("--ds-public-key", default="", help="pin the DS key (hex)")
     parser.add_argument("--tone", type=float, default=None, help="publish a sine of this frequency")
     parser.add_argument("--ring-size", type=int, default=DEFAULT_RING_SIZE)
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="also print EVENT <json> lines: session events, E2EE states, tones heard",
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(parser.parse_args()))
     sys.exit(0)
