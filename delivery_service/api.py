@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -63,7 +63,6 @@ def register(server: grpc.aio.Server, servicer: DeliveryServicer) -> None:
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
         make = (
             grpc.unary_stream_rpc_method_handler
             if method.server_streaming
@@ -72,22 +71,22 @@ def register(server: grpc.aio.Server, servicer: DeliveryServicer) -> None:
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_tolerant(request_type),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serialize,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
 
 
+def _serialize(message: Message | bytes) -> bytes:
+    # Subscribe writes the log's stored RoomEvent bytes as they are (one serialization per
+    # event, not per subscriber); every other response is a message
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def _check_decoded(request: object) -> None:
     if isinstance(request, Undecodable):
         raise InvalidRequest(f"the request is not a valid {request.message_type}: {request.error}")
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    """Cancels a task and consumes its outcome (no 'exception never retrieved')."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
@@ -251,43 +250,39 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
 
         return await self._unary("ReportDisconnect", request, context, handle)
 
-    async def _write(
-        self,
-        context: grpc.aio.ServicerContext,
-        event: pb.RoomEvent,
-        failed: asyncio.Event,
-        identity: str,
-    ) -> None:
-        """Writes one event, unless the subscription fails first (its reader fell behind
-        and the write is stuck on a client that stopped reading)."""
-        write = asyncio.ensure_future(context.write(event))
-        stop = asyncio.ensure_future(failed.wait())
-        try:
-            await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await _cancel(stop)
-            if not write.done():
-                await _cancel(write)
-        if write.cancelled():
-            raise SlowSubscriber(f"stream of {identity!r} fell behind")
-        write.result()
-        self.metrics.events_delivered.inc()
-
     async def Subscribe(  # type: ignore[override]
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        # Written with context.write (not yield) so that a write stuck on a client that
-        # stopped reading can be abandoned when its queue overflows.
+        # Written with context.write (not yield) of the stored, already serialized events
+        # (see register()): no per-subscriber parsing. A subscriber whose queue overflows
+        # may be stuck in a write to a client that stopped reading: it is cut off by
+        # cancelling this handler, then answered RESOURCE_EXHAUSTED.
         code = grpc.StatusCode.OK
-        failed = asyncio.Event()
+        handler = asyncio.current_task()
+        cut_off = False
+
+        def on_fail(error: BaseException) -> None:
+            nonlocal cut_off
+            if isinstance(error, SlowSubscriber) and handler is not None:
+                cut_off = True
+                handler.cancel()
+
         try:
             caller = self.auth.authenticate(context.invocation_metadata())
             _check_decoded(request)
-            stream = self.manager.stream(
-                caller.room, caller.identity, request.after, on_fail=lambda _: failed.set()
-            )
+            stream = self.manager.stream(caller.room, caller.identity, request.after, on_fail)
             async for entry in stream:
-                await self._write(context, entry.decode(), failed, caller.identity)
+                await context.write(entry.event)
+                self.metrics.events_delivered.inc()
+        except asyncio.CancelledError:
+            if not cut_off:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.metrics.subscribers_cut.inc()
+            await context.abort(
+                code, "the stream fell behind; resume from your last sequence number"
+            )
         except SlowSubscriber as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self.metrics.subscribers_cut.inc()
@@ -298,9 +293,6 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         except DeliveryError as e:
             code = e.status
             await context.abort(code, e.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("Subscribe failed")

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--commit-timeout",
         type=float,
         default=float(_env("COMMIT_TIMEOUT", str(d_order.commit_timeout))),
-        help="seconds the designated committer has before any member may commit",
+        help="seconds the designated committer has before the next member is designated",
     )
     a(
         "--execute-timeout",

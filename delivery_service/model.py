@@ -56,6 +56,7 @@ class CommitRequestState:
     committer: str  # "" = anyone
     refs: list[bytes]  # the pending proposals the request covers
     at: float
+    passed: list[str] = field(default_factory=list)  # designees that missed their deadline
 
 
 @dataclass

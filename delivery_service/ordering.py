@@ -468,10 +468,11 @@ class CommitOrdering:
             )
         )
 
-    def _designated_committer(self, tx: RoomTx) -> str:
-        """The lowest leaf among members that stay (no pending Remove, current key package)."""
+    def _designated_committer(self, tx: RoomTx, exclude: frozenset[str] = frozenset()) -> str:
+        """The lowest leaf among members that stay (no pending Remove, current key package)
+        and are not in ``exclude``; "" (anyone) if there is none."""
         state = tx.state
-        leaving = {p.identity for p in state.pending if p.kind == "remove"}
+        leaving = {p.identity for p in state.pending if p.kind == "remove"} | exclude
         assert tx.observed is not None
         best: tuple[int, str] | None = None
         for member in tx.observed.members():
@@ -492,9 +493,14 @@ class CommitOrdering:
         request = state.commit_request
         if request is not None and request.epoch == state.epoch and request.refs == refs:
             if request.committer and tx.now >= request.at + self.config.commit_timeout:
-                # the designee stayed silent: any member may commit now
-                state.commit_request = CommitRequestState(state.epoch, "", refs, tx.now)
-                tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=""))
+                # The designee stayed silent: designate the next member, so that a room of
+                # hundreds does not commit all at once; after everyone, anyone may.
+                passed = [*request.passed, request.committer]
+                committer = self._designated_committer(tx, exclude=frozenset(passed))
+                state.commit_request = CommitRequestState(
+                    state.epoch, committer, refs, tx.now, passed
+                )
+                tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=committer))
             return
         if tx.now < self._batch_due(state):
             return

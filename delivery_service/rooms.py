@@ -179,11 +179,12 @@ class RoomManager:
         if tx.entries:
             self._published[room] = tx.entries[-1].seq
         for entry in tx.entries:
-            kind = entry.decode().WhichOneof("event")
+            event = entry.decode()
+            kind = event.WhichOneof("event")
             if kind == "commit":
                 self.metrics.commits_accepted.inc()
             elif kind == "proposal":
-                self.metrics.proposals_issued.labels(entry.decode().proposal.kind).inc()
+                self.metrics.proposals_issued.labels(event.proposal.kind).inc()
         self._schedule(room, tx.state)
 
     # ---- deadlines -----------------------------------------------------------------

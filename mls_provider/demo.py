@@ -8,8 +8,9 @@ epoch, each rotation with its latency, the verification code, and who hears whom
 by itself (~40 s; ``--fast`` or ``LIVEKIT_MLS_DEMO_FAST=1``: ~30 s, most of it LiveKit
 noticing the killed participant) with exit status 0, or 1 if a check failed.
 
-The demo is a built-in scenario of :mod:`mls_provider.testing.scenario` with a friendlier
-presentation; ``livekit-mls-harness`` runs any other.
+The demo is a built-in scenario (:mod:`mls_provider.testing.scenario`) run by
+:mod:`mls_provider.testing.runner`, with a friendlier presentation; ``livekit-mls-harness``
+runs any other.
 """
 
 from __future__ import annotations
@@ -32,14 +33,9 @@ from mls_provider.testing.harness_cli import (
     make_view,
 )
 from mls_provider.testing.livekit_server import LiveKitServerError, find_livekit_server_binary
-from mls_provider.testing.scenario import (
-    Interrupted,
-    Scenario,
-    Step,
-    plot_report,
-    run_scenario,
-    write_report,
-)
+from mls_provider.testing.report import format_ms, plot_report, write_report
+from mls_provider.testing.runner import Interrupted, run_scenario
+from mls_provider.testing.scenario import Scenario, Step
 
 FAST_ENV = "LIVEKIT_MLS_DEMO_FAST"
 TONES = {"alice": 440.0, "bob": 554.0, "carol": 659.0, "dave": 880.0}  # A major
@@ -85,12 +81,6 @@ could compare. A killed participant is noticed by LiveKit after ~20 s.
 """
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
-
-
 def rotations_table(report: dict[str, Any]) -> Table:
     table = Table(title="key rotations", title_justify="left", box=box.SIMPLE_HEAD)
     for name, justify in (
@@ -106,8 +96,8 @@ def rotations_table(report: dict[str, Any]) -> Table:
             f"{e['kind']} {e['identity']}",
             "-" if e["epoch"] is None else str(e["epoch"]),
             ", ".join(sorted(e["members"])),
-            _ms(e["rotation_latency_ms"]),
-            _ms(e["exposure_ms"]),
+            format_ms(e["rotation_latency_ms"]),
+            format_ms(e["exposure_ms"]),
         )
     return table
 
@@ -151,9 +141,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         worst = max(timed, key=lambda e: e["rotation_latency_ms"])
         slowest = f" ({worst['kind']} {worst['identity']})"
     lines.append(
-        f"{report['summary']['rotations']} key rotations: median {_ms(latency['p50_ms'])}, "
-        f"slowest {_ms(latency['max_ms'])}{slowest}, exposure window at most "
-        f"{_ms(exposure['max_ms'])}; {report['decrypt_failures']} decrypt failures"
+        f"{report['summary']['rotations']} key rotations: median {format_ms(latency['p50_ms'])}, "
+        f"slowest {format_ms(latency['max_ms'])}{slowest}, exposure window at most "
+        f"{format_ms(exposure['max_ms'])}; {report['decrypt_failures']} decrypt failures"
     )
     problems = [p for check in report["checks"] for p in check["problems"]]
     lines += [f"problem: {p}" for p in dict.fromkeys(problems)]
@@ -180,8 +170,8 @@ def print_summary(report: dict[str, Any], out: IO[str], *, rich_output: bool) ->
     for e in report["events"]:
         print(
             f"  {e['kind']:5} {e['identity']:6} -> epoch {e['epoch']}: "
-            f"{', '.join(sorted(e['members']))}; rotation {_ms(e['rotation_latency_ms'])}, "
-            f"exposure {_ms(e['exposure_ms'])}",
+            f"{', '.join(sorted(e['members']))}; rotation {format_ms(e['rotation_latency_ms'])}, "
+            f"exposure {format_ms(e['exposure_ms'])}",
             file=out,
         )
     if final is not None and final["hears"]:

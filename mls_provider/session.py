@@ -139,6 +139,7 @@ class MlsSession(EventEmitter):
         self.last_info: EpochInfo | None = None
         self._own: _OwnKey | None = None  # the key we send with
         self._next_own: _OwnKey | None = None  # prepared, installed on execute
+        self._pending_commit: tuple[int, mls.CommitOutput] | None = None  # ours, unanswered
         self._task: asyncio.Task[None] | None = None
         self._wipes: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -295,7 +296,21 @@ class MlsSession(EventEmitter):
     async def _on_commit_request(self, group: mls.Group, request: pb.CommitRequest) -> None:
         if request.epoch != group.epoch or request.committer not in (self.identity, ""):
             return
+        earlier = self._pending_commit
+        if earlier is not None and earlier[0] == group.epoch and group.has_pending_commit:
+            # An earlier commit's outcome is unknown (the DS may still accept it: it asks
+            # again when its deadline passes, not only when proposals arrive). Submitting
+            # the same bytes again is idempotent at the DS.
+            if await self._submit(group, earlier[1]):
+                return
+        elif group.has_pending_commit:
+            group.discard_pending_commit()
         output = group.commit()
+        self._pending_commit = (group.epoch, output)
+        await self._submit(group, output)
+
+    async def _submit(self, group: mls.Group, output: mls.CommitOutput) -> bool:
+        """Submits a pending commit; False if the DS refused it (it is discarded then)."""
         try:
             await self._retry(
                 lambda: self.ds.submit_commit(
@@ -306,7 +321,13 @@ class MlsSession(EventEmitter):
             # another commit won, or proposals came in meanwhile: the stream tells us more
             log.debug("%s: commit not accepted: %s", self.identity, e)
             group.discard_pending_commit()
-        # accepted: the commit comes back through the stream and is applied there
+            self._pending_commit = None
+            return False
+        except DeliveryServiceError as e:
+            # outcome unknown (e.g. a timeout after the DS stored it): keep it pending; if
+            # it was accepted it comes back through the stream and applies there
+            log.info("%s: commit outcome unknown: %s", self.identity, e)
+        return True
 
     async def _on_commit(self, group: mls.Group, commit: pb.Commit) -> bool:
         if commit.epoch < group.epoch:
@@ -322,7 +343,8 @@ class MlsSession(EventEmitter):
 
     def _apply_commit(self, group: mls.Group, commit: pb.Commit) -> mls.CommitApplied:
         """Applies the commit and prepares the new epoch's keys (all CPU, no I/O)."""
-        applied = group.process_message(commit.message)
+        applied = group.process_message(commit.message)  # ours, or it clears ours
+        self._pending_commit = None
         if not isinstance(applied, mls.CommitApplied):
             raise mls.ValidationError("the DS relayed a non-commit as commit")
         if applied.self_removed:
@@ -446,6 +468,7 @@ class MlsSession(EventEmitter):
 
     def _drop_group(self) -> None:
         self.group = None
+        self._pending_commit = None
         self._next_own = None
         self.executed_epoch = -1
 

@@ -103,7 +103,7 @@ class DeliveryClient:
         token: TokenSource,
         *,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 10.0,
+        timeout: float = 30.0,
     ) -> None:
         self.target = target
         self._token = token

@@ -5,8 +5,12 @@ and members of one room may talk to different processes. Redis is the single sou
 truth; each process caches records and re-reads them when it learns (``changes()``) that
 another process wrote.
 
-Layout (every key starts with the prefix, default ``lkmls:``; ``?prefix=...`` in the URL
-changes it, so several deployments can share one Redis database):
+URL: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS, ``unix://`` for a
+socket), plus ``?prefix=...`` (default ``lkmls:``; several deployments can share a
+database) and redis-py's own options, e.g. ``?max_connections=64`` (requests wait for a
+free connection beyond that).
+
+Layout (every key starts with the prefix):
 
 * ``rec:<room>`` — hash: ``v`` version, ``s`` record (JSON), ``h`` last log seq, ``w`` id of
   the write that produced this version;
@@ -58,6 +62,9 @@ Durability — what an operator must configure:
 * Replication (Sentinel) is asynchronous: a failover may lose the last acknowledged
   writes, like ``everysec``. Redis Cluster is not supported (a save touches several keys).
 * ``maxmemory-policy noeviction``: an evicted record or log would corrupt rooms.
+* Redis 6.2 or newer (``ZRANGE ... BYSCORE``). Connection errors are retried for ~2.5 s
+  (a restart that reloads its AOF goes unnoticed by clients); after that a request fails
+  with :class:`RedisUnavailable` and the RoomManager reloads the room on the next one.
 """
 
 from __future__ import annotations
@@ -240,6 +247,7 @@ class RedisStore(Store):
         ready_ttl: int = DEFAULT_READY_TTL,
         retries: int = 6,
         socket_timeout: float = 5.0,
+        max_connections: int = 64,
     ) -> None:
         super().__init__(log_retention)
         self._url, url_prefix, self.address = _split_url(url)
@@ -247,6 +255,7 @@ class RedisStore(Store):
         self.ready_ttl = ready_ttl
         self.retries = retries
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
         # tells this process's writes apart from other processes' in the change feed
         self.process_id = secrets.token_hex(8)
         self._redis: aioredis.Redis | None = None
@@ -288,8 +297,12 @@ class RedisStore(Store):
             raise RedisUnavailable(f"Redis at {self.address} unavailable ({what}): {e}") from e
 
     async def open(self) -> None:
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: under load requests wait for a connection instead of failing
+        # with "Too many connections" (what redis-py's default pool does at its limit).
+        pool = aioredis.BlockingConnectionPool.from_url(
             self._url,
+            max_connections=self.max_connections,
+            timeout=self.socket_timeout,
             decode_responses=False,
             socket_timeout=self.socket_timeout,
             socket_connect_timeout=self.socket_timeout,
@@ -299,6 +312,7 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.retries),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         # Subscriptions get a client that never retries by itself: redis-py would
         # re-subscribe silently, and we must know about every gap to report all rooms.
         self._sub_redis = aioredis.Redis.from_url(
@@ -491,6 +505,7 @@ class RedisStore(Store):
     async def _subscribe(self, feed: _Feed) -> None:
         """Fills ``feed`` from the change channel; reconnects for as long as it runs."""
         first = True
+        interrupted = False
         backoff = 0.05
         while True:
             if self._sub_redis is None:
@@ -504,11 +519,21 @@ class RedisStore(Store):
                 # anything published before (or while) we were not subscribed
                 for room, head in await self._heads():
                     feed.put(room, head)
-                first = False
+                first = interrupted = False
                 backoff = 0.05
                 await self._listen(pubsub, feed)
-            except (*_TRANSIENT, OSError) as e:
-                log.warning("change feed of %s interrupted (%s); reconnecting", self.address, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # a dead feed would silently stop every cross-process update: never give up
+                if isinstance(e, (*_TRANSIENT, OSError)):
+                    if not interrupted:
+                        log.warning(
+                            "change feed of %s interrupted (%s); reconnecting", self.address, e
+                        )
+                else:
+                    log.exception("change feed of %s failed; restarting it", self.address)
+                interrupted = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:

@@ -24,22 +24,22 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from mls_provider.testing.scenario import (
+from mls_provider.testing.report import (
     CheckResult,
     EventRecord,
-    Interrupted,
-    MemberRow,
     RunReport,
+    default_report_path,
+    format_ms,
+    plot_report,
+    write_report,
+)
+from mls_provider.testing.runner import Interrupted, MemberRow, ScenarioRunner, run_scenario
+from mls_provider.testing.scenario import (
     Scenario,
     ScenarioError,
-    ScenarioRunner,
     Step,
-    default_report_path,
     load_scenario,
-    plot_report,
     random_scenario,
-    run_scenario,
-    write_report,
 )
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -85,9 +85,7 @@ def short_code(code: str | None, groups: int = 2) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
+    return format_ms(None if seconds is None else seconds * 1000)
 
 
 def _names(names: Sequence[str], limit: int = 8) -> str:
@@ -122,24 +120,33 @@ def describe_check(result: CheckResult) -> str:
     return text
 
 
+def _hears_cells(
+    hears: dict[str, dict[str, bool]], yes: str, no: str, me: str
+) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The hears matrix's names (sorted) and, per listener, its cells: ``me`` for itself,
+    ``yes``/``no`` for a speaker it was checked against, ``""`` for others."""
+    names = sorted(set(hears) | {s for row in hears.values() for s in row})
+
+    def cell(listener: str, speaker: str) -> str:
+        if speaker == listener:
+            return me
+        heard = hears.get(listener, {})
+        if speaker in heard:
+            return yes if heard[speaker] else no
+        return ""
+
+    return names, [(lis, [cell(lis, spk) for spk in names]) for lis in names]
+
+
 def hears_matrix_lines(hears: dict[str, dict[str, bool]], *, unicode: bool) -> list[str]:
     """The hears matrix as text: rows listen, columns speak."""
-    names = sorted(set(hears) | {s for row in hears.values() for s in row})
+    names, rows = _hears_cells(hears, *(("✔", "✘", "·") if unicode else ("Y", "N", ".")))
     if not names:
         return []
-    yes, no, me = ("✔", "✘", "·") if unicode else ("Y", "N", ".")
     width = max(len(n) for n in names) + 2
     lines = [" " * width + "".join(n[: width - 1].rjust(width) for n in names)]
-    for listener in names:
-        cells = []
-        for speaker in names:
-            if speaker == listener:
-                cells.append(me.rjust(width))
-            elif speaker in hears.get(listener, {}):
-                cells.append((yes if hears[listener][speaker] else no).rjust(width))
-            else:
-                cells.append(" " * width)
-        lines.append(listener.ljust(width) + "".join(cells))
+    for listener, cells in rows:
+        lines.append(listener.ljust(width) + "".join(c.rjust(width) for c in cells))
     return lines
 
 
@@ -310,8 +317,8 @@ class LiveView:
 
 def hears_table(hears: dict[str, dict[str, bool]], *, unicode: bool = True) -> Table:
     """The hears matrix as a rich table: rows listen, columns speak."""
-    names = sorted(set(hears) | {s for row in hears.values() for s in row})
-    yes, no, me = ("[green]✔[/]", "[bold red]✘[/]", "[dim]·[/]") if unicode else ("Y", "N", ".")
+    marks = ("[green]✔[/]", "[bold red]✘[/]", "[dim]·[/]") if unicode else ("Y", "N", ".")
+    names, rows = _hears_cells(hears, *marks)
     table = Table(
         title="who hears whom",
         title_justify="left",
@@ -321,15 +328,7 @@ def hears_table(hears: dict[str, dict[str, bool]], *, unicode: bool = True) -> T
     table.add_column("")
     for name in names:
         table.add_column(name, justify="center")
-    for listener in names:
-        cells = []
-        for speaker in names:
-            if speaker == listener:
-                cells.append(me)
-            elif speaker in hears.get(listener, {}):
-                cells.append(yes if hears[listener][speaker] else no)
-            else:
-                cells.append("")
+    for listener, cells in rows:
         table.add_row(listener, *cells)
     return table
 

@@ -33,7 +33,12 @@ from typing import IO, Any
 import yaml
 from livekit import api
 
-__all__ = ["LiveKitServer", "LiveKitServerError", "find_livekit_server_binary"]
+__all__ = [
+    "LiveKitServer",
+    "LiveKitServerError",
+    "find_livekit_server_binary",
+    "pdeathsig_prefix",
+]
 
 LIVEKIT_VERSION = "v1.13.5"
 BINARY_ENV_VAR = "LIVEKIT_MLS_LIVEKIT_SERVER"
@@ -108,10 +113,12 @@ def _server_env() -> dict[str, str]:
     }
 
 
-def _pdeathsig_prefix() -> list[str]:
-    """``setpriv --pdeathsig TERM`` (Linux): the server dies with the process that spawned it."""
+def pdeathsig_prefix(signal_name: str = "TERM") -> list[str]:
+    """``setpriv --pdeathsig <signal_name> --`` (Linux; elsewhere nothing) to put before a
+    command: the child gets that signal when the thread that spawned it ends, even if this
+    process is killed. The server uses TERM; test participants use KILL."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+    return [setpriv, "--pdeathsig", signal_name, "--"] if setpriv else []
 
 
 class LiveKitServer:
@@ -271,7 +278,7 @@ class LiveKitServer:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(self._config(), f, sort_keys=False)
         cmd = [
-            *_pdeathsig_prefix(),
+            *pdeathsig_prefix(),
             str(binary),
             "--dev",
             "--bind",

@@ -6,9 +6,10 @@ audio track, and records E2EE state events and data messages — so tests can as
 hears Y", "X cannot decrypt Y", and compare installed keys across members.
 
 ``python -m mls_provider.testing.participant ...`` runs one participant in its own process
-(for tests that ``kill -9`` a participant); it prints ``READY <epoch>`` once in the group.
-With ``--events`` it also prints ``EVENT <json>`` lines (session events, E2EE state
-changes, tones heard) for a parent that follows it, e.g. the scenario runner.
+(for tests that ``kill -9`` a participant; :func:`spawn_participant` starts one); it prints
+``READY <epoch>`` once in the group. With ``--events`` it also prints ``EVENT <json>``
+lines (session events, E2EE state changes, tones heard) for a parent that follows it,
+e.g. the scenario runner.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import IO, cast
 
 from livekit import rtc
 
@@ -37,6 +39,7 @@ from mls_provider.testing.audio import (
     wait_for_no_tone,
     wait_for_tone,
 )
+from mls_provider.testing.livekit_server import pdeathsig_prefix
 
 DEFAULT_RING_SIZE = 16
 
@@ -355,6 +358,50 @@ async def _main(args: argparse.Namespace) -> None:
                 _emit("status", {"heard": participant.current_tones()})
     finally:
         await participant.leave()
+
+
+def spawn_participant(
+    identity: str,
+    *,
+    livekit_url: str,
+    token: str,
+    ds_target: str,
+    ds_public_key: bytes | None = None,
+    tone_hz: float | None = None,
+    events: bool = False,
+    die_with_parent: bool = False,
+    stdin: int | None = None,
+    stderr: int | IO[bytes] | None = None,
+    start_new_session: bool = False,
+) -> subprocess.Popen[str]:
+    """Starts :func:`main` (``python -m mls_provider.testing.participant``): one participant
+    in its own process, its stdout a pipe of text lines — ``READY <epoch>`` once in the
+    group, then ``EPOCH`` lines, and with ``events`` ``EVENT <json>`` lines. SIGINT makes it
+    leave the group and the room; SIGKILL is a crash. ``die_with_parent`` (Linux): SIGKILL
+    when the spawning thread ends, even if this process is killed. ``stdin``, ``stderr``
+    and ``start_new_session`` go to ``subprocess.Popen``."""
+    args = [
+        *(pdeathsig_prefix("KILL") if die_with_parent else []),
+        sys.executable, "-m", "mls_provider.testing.participant",
+        "--identity", identity,
+        "--livekit-url", livekit_url,
+        "--token", token,
+        "--ds", ds_target,
+    ]  # fmt: skip
+    if ds_public_key is not None:
+        args += ["--ds-public-key", ds_public_key.hex()]
+    if events:
+        args.append("--events")
+    if tone_hz is not None:
+        args += ["--tone", str(tone_hz)]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stdin=stdin,
+        stderr=stderr,
+        text=True,
+        start_new_session=start_new_session,
+    )
 
 
 def main() -> None:

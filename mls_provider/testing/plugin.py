@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -137,17 +136,16 @@ class ParticipantFactory:
 
     async def spawn(self, identity: str, *, tone_hz: float | None = None) -> subprocess.Popen[str]:
         """A participant in its own process (to be killed); returns once it is in the group."""
-        args = [
-            sys.executable, "-m", "mls_provider.testing.participant",
-            "--identity", identity,
-            "--livekit-url", self.livekit.url,
-            "--token", self.livekit.token(identity, self.room),
-            "--ds", self.ds.target,
-            "--ds-public-key", self.ds.public_key.hex(),
-        ]  # fmt: skip
-        if tone_hz is not None:
-            args += ["--tone", str(tone_hz)]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
+        from mls_provider.testing.participant import spawn_participant
+
+        proc = spawn_participant(
+            identity,
+            livekit_url=self.livekit.url,
+            token=self.livekit.token(identity, self.room),
+            ds_target=self.ds.target,
+            ds_public_key=self.ds.public_key,
+            tone_hz=tone_hz,
+        )
         self.processes.append(proc)
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mls_provider.testing.scenario import (
-    IN_FLIGHT_ALLOWANCE,
-    EventRecord,
-    Member,
-    ScenarioRunner,
-    Step,
-    _DsLog,
-    parse_scenario,
-)
+from mls_provider.testing.ds_log import DsLog
+from mls_provider.testing.members import Member
+from mls_provider.testing.report import EventRecord
+from mls_provider.testing.runner import IN_FLIGHT_ALLOWANCE, ScenarioRunner
+from mls_provider.testing.scenario import Step, parse_scenario
 
 
 class FakeMember(Member):
@@ -41,7 +37,7 @@ def runner_with(*members: FakeMember) -> ScenarioRunner:
         runner.instances.append(m)
         runner.current[m.identity] = m
         runner.order.append(m.identity)
-    runner._ds_log = _DsLog(Path("/nonexistent/ds.log"), runner.room)
+    runner._ds_log = DsLog(Path("/nonexistent/ds.log"), runner.room)
     return runner
 
 

@@ -11,12 +11,9 @@ import pytest
 from rich.console import Console
 
 from mls_provider.testing.harness_cli import LiveView
-from mls_provider.testing.scenario import (
-    ScenarioRunner,
-    parse_scenario,
-    plot_report,
-    write_report,
-)
+from mls_provider.testing.report import plot_report, write_report
+from mls_provider.testing.runner import ScenarioRunner
+from mls_provider.testing.scenario import parse_scenario
 
 from .helpers import processes_mentioning, survivors
 

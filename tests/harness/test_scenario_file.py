@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from mls_provider.testing.runner import ScenarioRunner
 from mls_provider.testing.scenario import (
     TONE_PALETTE,
     ScenarioError,
-    ScenarioRunner,
     Step,
     load_scenario,
     parse_scenario,
