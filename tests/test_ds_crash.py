@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import secrets
 import sqlite3
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from livekit import api
@@ -32,7 +34,7 @@ ROOM = "crash-room"
 class AckRecordingClient(DeliveryClient):
     """Remembers every commit the DS acknowledged: (seq, new epoch, sha256 of commit)."""
 
-    acknowledged: list[tuple[int, int, str]] = []
+    acknowledged: ClassVar[list[tuple[int, int, str]]] = []
 
     async def submit_commit(
         self, epoch: int, commit: bytes, welcome: bytes = b"", group_info: bytes = b""
@@ -121,7 +123,7 @@ async def test_kill_9_during_churn_loses_and_duplicates_nothing(tmp_path: Path) 
         # exactly one commit per epoch, epochs consecutive within each generation
         keys = [(generation, epoch) for _, generation, epoch, _ in commits]
         assert len(keys) == len(set(keys)), "an epoch has two commits in the log"
-        for (g1, e1), (g2, e2) in zip(keys, keys[1:], strict=False):
+        for (g1, e1), (g2, e2) in itertools.pairwise(keys):
             assert (g1 == g2 and e2 == e1 + 1) or g2 > g1, f"epoch gap: {(g1, e1)} -> {(g2, e2)}"
         # every acknowledged commit is in the log, at the acknowledged position
         by_seq = {seq: (epoch + 1, digest) for seq, _, epoch, digest in commits}
