@@ -126,6 +126,10 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except ConnectionError as e:  # the store is unreachable: a retry may succeed
+            code = grpc.StatusCode.UNAVAILABLE
+            log.warning("%s: store unavailable: %s", method, e)
+            await context.abort(code, "the store is unavailable; retry")
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
@@ -264,6 +268,7 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         def on_fail(error: BaseException) -> None:
             nonlocal cut_off
             if isinstance(error, SlowSubscriber) and handler is not None:
+                log.warning("cutting off a stream that fell behind: %s", error)
                 cut_off = True
                 handler.cancel()
 
@@ -293,7 +298,14 @@ class DeliveryServicer(pb_grpc.DeliveryServiceServicer):
         except DeliveryError as e:
             code = e.status
             await context.abort(code, e.message)
+        except ConnectionError as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            log.warning("Subscribe: store unavailable: %s", e)
+            await context.abort(code, "the store is unavailable; resume from your last sequence")
         except Exception:
+            if context.cancelled():  # the client went away mid-write: nothing went wrong here
+                code = grpc.StatusCode.CANCELLED
+                return
             code = grpc.StatusCode.INTERNAL
             log.exception("Subscribe failed")
             await context.abort(code, "internal error")

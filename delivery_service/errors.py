@@ -79,5 +79,11 @@ class EpochConflict(DeliveryError):
         self.epoch = epoch
 
 
+class Contention(DeliveryError):
+    """Several DS processes kept writing the same room at once: retry."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
 class VersionConflict(Exception):
     """A store write lost a compare-and-set race (another DS process wrote first)."""

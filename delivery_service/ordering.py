@@ -436,7 +436,7 @@ class CommitOrdering:
             if not current(name) and ("remove", name) not in pending:
                 message, ref = await asyncio.to_thread(observed.propose_remove, member.leaf_index)
                 self._issue(tx, message, ref, "remove", name, b"")
-        for name, participant in state.participants.items():
+        for name, participant in list(state.participants.items()):  # may drop entries
             if current(name) or ("add", name) in pending:
                 continue
             key_package = await tx.key_package(participant.kp_ref)

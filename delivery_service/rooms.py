@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from delivery_service.errors import (
+    Contention,
     DeliveryError,
     NotFound,
     OutOfRange,
@@ -61,6 +63,7 @@ class RoomManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._published: dict[str, int] = {}
+        self._forgets: dict[str, int] = {}  # per room: how often its cached record was dropped
         self._tasks: set[asyncio.Future[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -94,13 +97,18 @@ class RoomManager:
         cached = self._rooms.get(room)
         if cached is not None:
             return cached
+        forgets = self._forgets.get(room, 0)
         state = await self.store.load(room) or RoomState(room=room)
         observed = None
         if state.phase is Phase.ACTIVE:
             observed = await asyncio.to_thread(self._restore_observer, state)
         cached = CachedRoom(state, observed)
-        self._rooms[room] = cached
-        self.metrics.rooms_cached.set(len(self._rooms))
+        current = self._rooms.get(room)
+        if current is not None and current.state.version >= state.version:
+            return current  # loaded meanwhile by another request, and at least as new
+        if self._forgets.get(room, 0) == forgets:  # not invalidated while we were reading
+            self._rooms[room] = cached
+            self.metrics.rooms_cached.set(len(self._rooms))
         return cached
 
     def _restore_observer(self, state: RoomState) -> mls.ObservedGroup:
@@ -131,7 +139,7 @@ class RoomManager:
 
     async def _transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
         async with self._lock(room):
-            for _ in range(MAX_ATTEMPTS):
+            for attempt in range(MAX_ATTEMPTS):
                 cached = await self._load(room)
                 expected = cached.state.version
                 tx = RoomTx(
@@ -157,7 +165,10 @@ class RoomManager:
                             tx.drop_key_packages,
                         )
                 except VersionConflict:
-                    self._forget(room)  # another process wrote first: retry on fresh state
+                    # another process wrote first: retry on fresh state, after a short
+                    # random pause so that competing processes do not collide again
+                    self._forget(room)
+                    await asyncio.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
                     continue
                 except DeliveryError:
                     # the ordering rules raise only before changing anything
@@ -168,10 +179,11 @@ class RoomManager:
                 cached.observed = tx.observed
                 self._after_write(room, tx)
                 return result
-            raise DeliveryError("too much write contention on this room; retry")
+            raise Contention("too much write contention on this room; retry")
 
     def _forget(self, room: str) -> None:
         self._rooms.pop(room, None)
+        self._forgets[room] = self._forgets.get(room, 0) + 1
         self.metrics.rooms_cached.set(len(self._rooms))
 
     def _after_write(self, room: str, tx: RoomTx) -> None:
@@ -207,14 +219,14 @@ class RoomManager:
     async def _tick(self, room: str) -> None:
         self._timers.pop(room, None)
 
-        async def tick(tx: RoomTx) -> None:
+        async def tick(tx: RoomTx) -> bool:
             was_open = tx.state.transition_open
             await self.ordering.tick(tx)
-            if was_open and not tx.state.transition_open:
-                self.metrics.transitions.labels("deadline").inc()
+            return was_open and not tx.state.transition_open
 
         try:
-            await self.transact(room, tick)
+            if await self.transact(room, tick):  # counted once, for the attempt that stuck
+                self.metrics.transitions.labels("deadline").inc()
         except Exception:
             log.exception("deadline handling failed for room %r", room)
             cached = self._rooms.get(room)
@@ -254,13 +266,13 @@ class RoomManager:
         ready = await self.store.mark_ready(room, state.generation, epoch, identity)
         if set(state.members) <= ready:
 
-            async def execute(tx: RoomTx) -> None:
+            async def execute(tx: RoomTx) -> bool:
                 was_open = tx.state.transition_open
                 await self.ordering.execute_if_ready(tx, epoch, ready)
-                if was_open and not tx.state.transition_open:
-                    self.metrics.transitions.labels("all_ready").inc()
+                return was_open and not tx.state.transition_open
 
-            await self.transact(room, execute)
+            if await self.transact(room, execute):
+                self.metrics.transitions.labels("all_ready").inc()
 
     async def leave(self, room: str, identity: str, *, left_at: float | None = None) -> bool:
         return await self.transact(
@@ -297,6 +309,15 @@ class RoomManager:
         self.metrics.subscribers.set(self.hub.subscriber_count)
         try:
             start = await self.store.log_start(room)
+            head = (await self._load(room)).state.head
+            if after > head:  # our cached record may lag another process: look again
+                self._forget(room)
+                head = (await self._load(room)).state.head
+            if after > head:
+                raise OutOfRange(
+                    f"cursor {after} is ahead of the room's log (at {head}): the store lost "
+                    "data; join again"
+                )
             if after + 1 < start:
                 raise OutOfRange(
                     f"cursor {after} is older than the retained log (starts at {start}); join again"
@@ -330,13 +351,18 @@ class RoomManager:
         """Publishes entries other DS processes wrote (shared stores only)."""
         async for room, head in changes:
             try:
+                # another process wrote, possibly without new log entries: our record is stale
+                self._forget(room)
                 if head <= self._published.get(room, 0):
                     continue
-                self._forget(room)  # our cached record is stale now
                 async with self._lock(room):
                     after = self._published.get(room, head - 1)
                     entries = await self.store.read_log(room, after)
                     self.hub.publish(room, entries)
+                    log.debug(
+                        "room %r: published %d entries written elsewhere (after %d, head %d)",
+                        room, len(entries), after, head,
+                    )
                     if entries:
                         self._published[room] = entries[-1].seq
                     cached = await self._load(room)

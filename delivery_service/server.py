@@ -101,6 +101,15 @@ class DeliveryServer:
         options = [
             ("grpc.max_receive_message_length", s.limits.grpc_message),
             ("grpc.max_send_message_length", s.limits.grpc_message),
+            # Members keep a stream open for a whole call and ping every 10 s to keep NATs
+            # and proxies open; gRPC's default server policy would answer such pings on an
+            # idle stream with GOAWAY (too many pings) and cancel every call on it.
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # and the server pings too, to notice dead connections
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
         ]
         self._grpc = grpc.aio.server(options=options)
         if s.livekit_url:

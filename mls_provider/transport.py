@@ -8,6 +8,7 @@ session can tell "retry after processing the stream" (:class:`EpochConflict`) fr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
@@ -88,6 +89,17 @@ def translate(error: grpc.aio.AioRpcError) -> DeliveryServiceError:
                 epoch = int(value)
         return EpochConflict(code, message, epoch)
     return _ERRORS.get(code, DeliveryServiceError)(code, message)
+
+
+def _call_cancelled() -> bool:
+    """True when a CancelledError came from the gRPC call (e.g. its channel was closed),
+    not from the cancellation of the task awaiting it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+def _unavailable_after_cancel() -> Unavailable:
+    return Unavailable(grpc.StatusCode.CANCELLED, "the call was cancelled (its channel closed)")
 
 
 TokenSource = str | Callable[[], str]
@@ -198,6 +210,10 @@ class DeliveryClient:
                 yield event
         except grpc.aio.AioRpcError as e:
             raise translate(e) from None
+        except asyncio.CancelledError:
+            if not _call_cancelled():
+                raise  # our caller is being cancelled
+            raise _unavailable_after_cancel() from None
         finally:
             call.cancel()
 
@@ -206,3 +222,7 @@ class DeliveryClient:
             return await method(request, metadata=self._metadata(), timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
             raise translate(e) from None
+        except asyncio.CancelledError:
+            if not _call_cancelled():
+                raise
+            raise _unavailable_after_cancel() from None

@@ -52,13 +52,15 @@ Durability — what an operator must configure:
   loses nothing (the AOF is written to the kernel before the reply), but an OS crash or
   power loss loses up to ~1 s (worst case ~2 s, or a Redis crash while a slow fsync holds
   the write back) of acknowledged writes. Rooms then roll back: a commit members already
-  applied is gone and the DS can accept a different commit for that epoch — members that
-  applied the lost one fail to process the stream, report it and join again.
+  applied is gone and the DS can accept a different commit for that epoch; members whose
+  cursor is past the rolled-back log skip the rewritten entries and recover only by
+  joining again (when a later entry fails to process).
 * Without persistence (no AOF; RDB snapshots alone are as bad, they roll back to the last
   snapshot) a Redis restart loses every room, log, key package and the DS key: rooms start
-  again from scratch at seq 1 and members must join again; processes started after the
-  loss would even generate a new DS key (use ``--ds-key-file`` with Redis to avoid that).
-  The store detects a restart without its data (a marker key vanished) and logs an error.
+  again from scratch at seq 1 and every member must join again (their cursors are ahead
+  of the new logs); processes started after the loss would even generate a new DS key
+  (use ``--ds-key-file`` with Redis to avoid that). The store detects a restart without
+  its data (a marker key vanished) and logs an error.
 * Replication (Sentinel) is asynchronous: a failover may lose the last acknowledged
   writes, like ``everysec``. Redis Cluster is not supported (a save touches several keys).
 * ``maxmemory-policy noeviction``: an evicted record or log would corrupt rooms.
@@ -107,12 +109,13 @@ local current = redis.call('HMGET', KEYS[1], 'v', 'w', 'h')
 local stored = tonumber(current[1]) or 0
 if stored ~= tonumber(ARGV[1]) then
   if stored == tonumber(ARGV[2]) and current[2] == ARGV[4] then
-    return {1, stored}
+    return {1, stored}  -- our own write, run before a connection failure: success again
   end
-  return {0, stored}
+  return {0, stored}  -- another writer won: nothing written
 end
 local n = tonumber(ARGV[9])
 local first = 10
+-- validate before the first write: a script error does not roll back earlier writes
 local seen = {}
 for i = first, first + 2 * n - 2, 2 do
   local seq = ARGV[i]

@@ -6,6 +6,7 @@ same address after a crash; the SQLite store lives in the work dir and survives 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from mls_provider.testing.livekit_server import pdeathsig_prefix
+
 _HOST = "127.0.0.1"
 
 
@@ -26,10 +29,19 @@ class DeliveryServiceError(RuntimeError):
     pass
 
 
+_handed_out: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
+    """A port free now and not given to another DS of this process: a DS keeps its ports
+    across restarts, so the kernel may offer one of them again while it is down."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((_HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class DeliveryServiceProcess:
@@ -153,7 +165,10 @@ class DeliveryServiceProcess:
             *self.extra_args,
         ]  # fmt: skip
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self._proc = subprocess.Popen(args, env=self._env(), stdout=self._log, stderr=self._log)
+        # the DS gets SIGTERM if the thread that started it ends (e.g. a crashed benchmark)
+        self._proc = subprocess.Popen(
+            [*pdeathsig_prefix("TERM"), *args], env=self._env(), stdout=self._log, stderr=self._log
+        )
         self.starts += 1
         self._wait_ready()
         return self
@@ -170,7 +185,7 @@ class DeliveryServiceProcess:
                 with opener.open(f"{self.http_url}/readyz", timeout=1) as response:
                     if response.status == 200:
                         return
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not listening yet, or not HTTP
                 pass
             time.sleep(0.05)
         self.kill()

@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -27,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+from mls_provider.testing.livekit_server import pdeathsig_prefix
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server_binary"]
 
@@ -66,12 +67,6 @@ def _free_port() -> int:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _pdeathsig_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL`` (Linux): the server dies with the thread that spawned it."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _quote(value: str) -> str:
@@ -176,7 +171,7 @@ class RedisServer:
         self._write_config()
         self._log = open(self.workdir / "stdout.log", "ab")  # noqa: SIM115 - closed in _reap
         self._proc = subprocess.Popen(
-            [*_pdeathsig_prefix(), str(binary), str(self.config_path)],
+            [*pdeathsig_prefix("KILL"), str(binary), str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
