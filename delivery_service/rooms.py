@@ -361,7 +361,10 @@ class RoomManager:
                     self.hub.publish(room, entries)
                     log.debug(
                         "room %r: published %d entries written elsewhere (after %d, head %d)",
-                        room, len(entries), after, head,
+                        room,
+                        len(entries),
+                        after,
+                        head,
                     )
                     if entries:
                         self._published[room] = entries[-1].seq
