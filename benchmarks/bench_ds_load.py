@@ -12,13 +12,19 @@ and acks, and the next commit follows the execute. Measured over ``--seconds``:
   member(s), p50 and p99;
 * DS memory: resident set size idle with all rooms created, per idle room, and under load.
 
+With ``--think S`` each room pauses about S seconds (0.5–1.5 S, random) after each delivered
+commit: an open load of ``rooms / S`` commits/s, as in real rooms where keys rotate on joins
+and leaves. With ``--think 0`` every room commits back to back: the DS's saturation point.
+
     .venv/bin/python benchmarks/bench_ds_load.py [--rooms 1000] [--members 2] [--seconds 20]
+                                                 [--think 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import re
 import secrets
 import tempfile
@@ -135,9 +141,11 @@ class BenchRoom:
                 raise TimeoutError(f"room {self.name} did not form")
             await asyncio.sleep(0.05)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, think: float, rng: random.Random) -> None:
         """The first member commits; the rest receive. Repeats until ``stop``."""
         committer = self.members[0]
+        if think:  # spread the rooms' first commits over one think time
+            await asyncio.sleep(rng.uniform(0, think))
         while not stop.is_set():
             group = committer.group
             assert group is not None
@@ -158,6 +166,8 @@ class BenchRoom:
             others = self._delivered[new_epoch][1:] or self._delivered[new_epoch]
             self.latencies.append((max(others) - sent) * 1000)
             del self._delivered[new_epoch]
+            if think:
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * think)
 
 
 async def main() -> None:
@@ -165,10 +175,16 @@ async def main() -> None:
     parser.add_argument("--rooms", type=int, default=1000)
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=10.0,
+        help="seconds a room pauses between commits (0: back to back, the saturation point)",
+    )
+    parser.add_argument("--name", default="ds_load", help="result file: results/NAME.json")
     args = parser.parse_args()
     secret = secrets.token_urlsafe(40)
     with tempfile.TemporaryDirectory() as tmp:
-        # a long execute timeout: transitions execute on ready acks, never on the deadline
         ds = DeliveryServiceProcess(
             API_KEY,
             secret,
@@ -176,49 +192,56 @@ async def main() -> None:
             extra_args=("--log-level", "warning", "--rate", "1000", "--burst", "1000"),
         )
         ds.start()
-        assert ds.pid is not None
-        base_rss = rss_mib(ds.pid)
-        rooms = [
-            BenchRoom(
-                f"room{r}",
-                [Member(f"m{i}", f"room{r}", ds, secret) for i in range(args.members)],
+        try:
+            assert ds.pid is not None
+            base_rss = rss_mib(ds.pid)
+            rooms = [
+                BenchRoom(
+                    f"room{r}",
+                    [Member(f"m{i}", f"room{r}", ds, secret) for i in range(args.members)],
+                )
+                for r in range(args.rooms)
+            ]
+            print(f"creating {args.rooms} rooms x {args.members} members ...", flush=True)
+            t0 = time.monotonic()
+            tasks: list[asyncio.Task[None]] = []
+            for chunk in range(0, len(rooms), 50):
+                batch = rooms[chunk : chunk + 50]
+                for started in await asyncio.gather(*(r.start() for r in batch)):
+                    tasks += started
+                await asyncio.gather(*(r.ready() for r in batch))
+            setup = time.monotonic() - t0
+            idle_rss = rss_mib(ds.pid)
+            print(
+                f"rooms ready in {setup:.1f} s; DS RSS {idle_rss:.0f} MiB; loading ...", flush=True
             )
-            for r in range(args.rooms)
-        ]
-        print(f"creating {args.rooms} rooms x {args.members} members ...", flush=True)
-        t0 = time.monotonic()
-        tasks: list[asyncio.Task[None]] = []
-        for chunk in range(0, len(rooms), 50):
-            batch = rooms[chunk : chunk + 50]
-            for started in await asyncio.gather(*(r.start() for r in batch)):
-                tasks += started
-            await asyncio.gather(*(r.ready() for r in batch))
-        setup = time.monotonic() - t0
-        idle_rss = rss_mib(ds.pid)
-        print(f"rooms ready in {setup:.1f} s; DS RSS {idle_rss:.0f} MiB; loading ...", flush=True)
 
-        delivered_before = metric(ds, "lkmls_events_delivered_total")
-        stop = asyncio.Event()
-        runners = [asyncio.create_task(r.run(stop)) for r in rooms]
-        start = time.monotonic()
-        await asyncio.sleep(args.seconds)
-        loaded_rss = rss_mib(ds.pid)
-        stop.set()
-        await asyncio.gather(*runners)
-        elapsed = time.monotonic() - start
-        delivered = metric(ds, "lkmls_events_delivered_total") - delivered_before
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for room in rooms:
-            for member in room.members:
-                await member.client.close()
-        ds.stop()
+            delivered_before = metric(ds, "lkmls_events_delivered_total")
+            stop = asyncio.Event()
+            rng = random.Random(1)
+            runners = [asyncio.create_task(r.run(stop, args.think, rng)) for r in rooms]
+            start = time.monotonic()
+            await asyncio.sleep(args.seconds)
+            loaded_rss = rss_mib(ds.pid)
+            stop.set()
+            await asyncio.gather(*runners)
+            elapsed = time.monotonic() - start
+            delivered = metric(ds, "lkmls_events_delivered_total") - delivered_before
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for room in rooms:
+                for member in room.members:
+                    await member.client.close()
+        finally:
+            ds.stop()  # also when a run fails: never leave a DS behind
 
     latencies = [lat for r in rooms for lat in r.latencies]
     accepted = sum(r.accepted for r in rooms)
     result = {
         "rooms": args.rooms,
+        "think_s": args.think,
+        "offered_commits_per_s": args.rooms / args.think if args.think else None,
         "members_per_room": args.members,
         "seconds": round(elapsed, 1),
         "accepted_commits_per_s": accepted / elapsed,
@@ -241,7 +264,7 @@ async def main() -> None:
               f"{result['ds_rss_per_idle_room_kib']:.0f}", f"{loaded_rss:.0f}"]],
         )
     )  # fmt: skip
-    print(f"\nwrote {write_result('ds_load', result)}")
+    print(f"\nwrote {write_result(args.name, result)}")
 
 
 if __name__ == "__main__":
