@@ -116,19 +116,35 @@ def main() -> None:
                 python[op] += samples
         for op in OPS:
             r, p = median(rust[op]), median(python[op])
-            ratio = p / r
-            rows.append([members, op, f"{r / 1000:.3f}", f"{p / 1000:.3f}", f"{ratio:.3f}"])
+            r_best, p_best = min(rust[op]), min(python[op])
+            rows.append(
+                [members, op, f"{r / 1000:.3f}", f"{p / 1000:.3f}", f"{p / r:.3f}",
+                 f"{r_best / 1000:.3f}", f"{p_best / 1000:.3f}", f"{p_best / r_best:.3f}"]
+            )  # fmt: skip
             results.append(
                 {
                     "members": members,
                     "op": op,
                     "rust_median_us": r,
                     "python_median_us": p,
-                    "ratio": ratio,
+                    "ratio": p / r,
+                    "rust_best_us": r_best,
+                    "python_best_us": p_best,
+                    "best_ratio": p_best / r_best,
                 }
             )
     table = markdown_table(
-        ["members", "operation", "Rust median (ms)", "Python median (ms)", "Python / Rust"], rows
+        [
+            "members",
+            "operation",
+            "Rust median (ms)",
+            "Python median (ms)",
+            "ratio",
+            "Rust best (ms)",
+            "Python best (ms)",
+            "ratio (best)",
+        ],
+        rows,
     )
     print(table)
     path = write_result(

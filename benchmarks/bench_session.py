@@ -12,14 +12,18 @@ process (SQLite store). Then, repeatedly, one more member joins and leaves again
   epoch (DS proposal, commit request and commit included).
 
 All N members run in this one process and share its CPU with each other; on real devices
-they process in parallel. So two figures are reported per size:
+they process in parallel. So two figures are measured:
 
-* **wall clock**: as measured here, every member's processing serialized on one CPU;
-* **critical path** of one client: the DS, transport and ack round trips as measured at
-  N = 2 (where members' processing is negligible) plus one member's own processing of a
-  commit at size N (measured per member here: applying the commit and installing keys).
+* **wall clock**: every member a real client session here, their processing serialized on
+  this machine's CPU;
+* **critical path** of one client: the committer and the guest are real client sessions;
+  every other member is an :class:`Acker` — a real group member (in the tree, on the DS,
+  with its own stream and ready acks) that does no MLS work. What is left is what one real
+  client waits for: the DS's ordering and durable writes, its fan-out to every member and
+  the acks of all of them, and a real member's processing at size N.
 
-    .venv/bin/python benchmarks/bench_session.py [--sizes 2,10,50,200,1000] [--samples 30]
+    .venv/bin/python benchmarks/bench_session.py [--sizes 2,10,50,200,1000]
+                                                 [--critical-sizes 50,200,1000] [--samples 30]
 """
 
 from __future__ import annotations
@@ -111,9 +115,10 @@ class Room:
         await session.start()
         return member
 
-    async def converged(self, timeout: float = 60.0) -> int:
-        """Waits until every member has executed the same epoch with the full roster."""
-        names = set(self.members)
+    async def converged(self, timeout: float = 60.0, also: frozenset[str] = frozenset()) -> int:
+        """Waits until every member has executed the same epoch with the full roster (the
+        sessions here plus ``also``: members that are not sessions)."""
+        names = set(self.members) | also
         deadline = time.monotonic() + timeout
         while True:
             sessions = [m.session for m in self.members.values()]
@@ -187,6 +192,111 @@ async def measure(members: int, samples: int, wave: int) -> dict[str, list[float
             ds.stop()
 
 
+class Acker:
+    """A real group member that acknowledges every epoch without any MLS work of its own.
+
+    It stands for a member on its own device: with the rest of the room made of ackers,
+    what one real client waits for is measured — the DS's ordering, its fan-out to every
+    member's stream and the acks of all of them, plus the real clients' own processing —
+    without N members' processing serialized on this machine's CPU.
+    """
+
+    def __init__(self, room: Room, identity: str) -> None:
+        self.identity = identity
+        self.client = DeliveryClient(room.ds.target, room.token(identity))
+        self.epoch = -1
+        self.executed_at: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        key_package = mls.MlsClient(
+            self.identity, mls.SignatureKeyPair.generate()
+        ).generate_key_package()
+        response = await self.client.join(key_package)
+        self._task = asyncio.create_task(self._follow(response.cursor))
+
+    async def _follow(self, cursor: int) -> None:
+        async for event in self.client.subscribe(cursor):
+            kind = event.WhichOneof("event")
+            if kind == "welcome" and self.identity in event.welcome.recipients:
+                self.epoch = event.welcome.epoch
+                self.executed_at[self.epoch] = time.monotonic()  # a joiner sends at once
+                await self.client.ready(self.epoch)
+            elif kind == "commit" and self.epoch >= 0 and event.commit.epoch == self.epoch:
+                self.epoch += 1
+                await self.client.ready(self.epoch)
+            elif kind == "execute":
+                self.executed_at.setdefault(event.execute.epoch, time.monotonic())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+
+async def measure_critical(members: int, samples: int, wave: int) -> dict[str, list[float]]:
+    """Join latency and exposure window of real clients in a room of ``members``, all but
+    two of them ackers (see :class:`Acker`)."""
+    secret = secrets.token_urlsafe(40)
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = DeliveryServiceProcess(API_KEY, secret, workdir=tmp)
+        ds.start()
+        room = Room(ds, secret, f"critical-{members}")
+        ackers: list[Acker] = []
+
+        async def executed(epoch: int, timeout: float = 120.0) -> float:
+            """When the last member (real or acker) switched to ``epoch``."""
+            deadline = time.monotonic() + timeout
+            while True:
+                real = [m for m in room.members.values()]
+                if all(m.session.executed_epoch == epoch for m in real) and all(
+                    epoch in a.executed_at for a in ackers
+                ):
+                    times = [m.sink.sender_switched_at or 0.0 for m in real]
+                    return max(times + [a.executed_at[epoch] for a in ackers])
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"epoch {epoch} not executed everywhere")
+                await asyncio.sleep(0.002)
+
+        try:
+            committer = await room.add("m0")
+            await room.converged()
+            for start in range(0, members - 2, wave):
+                batch = [Acker(room, f"a{i}") for i in range(start, min(start + wave, members - 2))]
+                await asyncio.gather(*(a.start() for a in batch))
+                ackers += batch
+                while (  # noqa: ASYNC110 - polling the committer's roster
+                    committer.session.group is None
+                    or committer.session.group.member_count < 1 + len(ackers)
+                ):
+                    await asyncio.sleep(0.01)
+                epoch = committer.session.epoch
+                assert epoch is not None
+                await executed(epoch)
+            result: dict[str, list[float]] = {"join_ms": [], "exposure_ms": []}
+            for i in range(samples):
+                t0 = time.monotonic()
+                guest = await room.add(f"guest{i}")
+                others = frozenset(a.identity for a in ackers)
+                await room.converged(also=others)
+                epoch = guest.session.epoch
+                assert epoch is not None
+                result["join_ms"].append((await executed(epoch) - t0) * 1000)
+                await guest.session.stop(leave=True)
+                await guest.client.close()
+                del room.members[guest.session.identity]
+                new_epoch = await room.converged(also=others)
+                switched = await executed(new_epoch)
+                accepted = committer.client.accepted[new_epoch]
+                result["exposure_ms"].append((switched - accepted) * 1000)
+            return result
+        finally:
+            await asyncio.gather(*(a.stop() for a in ackers))
+            await room.stop()
+            ds.stop()
+
+
 def plan(members: int, samples: int) -> tuple[int, int]:
     """(samples, join wave size) for a group size: fewer samples for big groups."""
     if members <= 50:
@@ -198,51 +308,64 @@ def plan(members: int, samples: int) -> tuple[int, int]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2,10,50,200,1000")
+    parser.add_argument("--sizes", default="2,10,50,200,1000", help="wall-clock sizes")
+    parser.add_argument(
+        "--critical-sizes", default="50,200,1000", help="sizes of the critical-path runs"
+    )
     parser.add_argument("--samples", type=int, default=30, help="join/leave pairs (N <= 50)")
     args = parser.parse_args()
     _instrument_processing()
-    rows, results = [], []
-    base: dict[str, float] | None = None  # DS + transport, from the smallest size
-    for members in [int(s) for s in args.sizes.split(",")]:
+    wall_rows, wall = [], []
+    for members in [int(s) for s in args.sizes.split(",") if s]:
         samples, wave = plan(members, args.samples)
-        print(f"N = {members}: building the room, then {samples} join/leave pairs", flush=True)
+        print(f"N = {members}: wall clock, {samples} join/leave pairs", flush=True)
         data = await measure(members, samples, wave)
-        processing = {
-            "join": percentile(data["processing_join_ms"], 50),
-            "exposure": percentile(data["processing_leave_ms"], 50),
-        }
-        if base is None:  # the smallest size: DS, transport and acks without member load
-            base = {
-                "join": percentile(data["join_ms"], 50) - processing["join"],
-                "exposure": percentile(data["exposure_ms"], 50) - processing["exposure"],
-            }
-        critical = {k: base[k] + processing[k] for k in base}
-        rows.append(
+        wall_rows.append(
             [
                 members, samples,
                 f"{percentile(data['join_ms'], 50):.0f}", f"{percentile(data['join_ms'], 99):.0f}",
                 f"{percentile(data['exposure_ms'], 50):.0f}",
                 f"{percentile(data['exposure_ms'], 99):.0f}",
                 f"{percentile(data['removal_total_ms'], 50):.0f}",
-                f"{processing['join']:.1f} / {processing['exposure']:.1f}",
-                f"{critical['join']:.0f}", f"{critical['exposure']:.0f}",
+                f"{percentile(data['processing_join_ms'], 50):.1f} / "
+                f"{percentile(data['processing_leave_ms'], 50):.1f}",
             ]
         )  # fmt: skip
-        results.append(
-            {"members": members, "samples": samples, "critical_path_ms": critical, **data}
+        wall.append({"members": members, "samples": samples, **data})
+    critical_rows, critical = [], []
+    for members in [int(s) for s in args.critical_sizes.split(",") if s]:
+        samples, wave = plan(members, args.samples)
+        print(f"N = {members}: critical path, {samples} join/leave pairs", flush=True)
+        data = await measure_critical(members, samples, wave)
+        critical_rows.append(
+            [
+                members, samples,
+                f"{percentile(data['join_ms'], 50):.0f}", f"{percentile(data['join_ms'], 99):.0f}",
+                f"{percentile(data['exposure_ms'], 50):.0f}",
+                f"{percentile(data['exposure_ms'], 99):.0f}",
+            ]
+        )  # fmt: skip
+        critical.append({"members": members, "samples": samples, **data})
+    print("wall clock (every member in this process):")
+    print(
+        markdown_table(
+            [
+                "members", "samples", "join p50 (ms)", "join p99 (ms)", "exposure p50 (ms)",
+                "exposure p99 (ms)", "leave->switched p50 (ms)",
+                "one member's processing, join / leave (ms)",
+            ],
+            wall_rows,
         )
-    table = markdown_table(
-        [
-            "members", "samples", "join p50 (ms)", "join p99 (ms)", "exposure p50 (ms)",
-            "exposure p99 (ms)", "leave->switched p50 (ms)",
-            "one member's processing, join / leave (ms)",
-            "critical path: join (ms)", "critical path: exposure (ms)",
-        ],
-        rows,
     )  # fmt: skip
-    print(table)
-    path = write_result("session", {"results": results})
+    print("\ncritical path (two real clients, every other member an acker):")
+    print(
+        markdown_table(
+            ["members", "samples", "join p50 (ms)", "join p99 (ms)", "exposure p50 (ms)",
+             "exposure p99 (ms)"],
+            critical_rows,
+        )
+    )  # fmt: skip
+    path = write_result("session", {"results": wall, "critical": critical})
     print(f"\nwrote {path}")
 
 
