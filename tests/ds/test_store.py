@@ -1,12 +1,14 @@
-"""The Store contract on both single-process backends (MemoryStore, SqliteStore):
-round trip, compare-and-set, log paging and retention, key packages, the DS key, and
-all-or-nothing writes."""
+"""The Store contract on every backend (MemoryStore, SqliteStore, RedisStore on a real
+redis-server): round trip, compare-and-set, log paging and retention, key packages, the DS
+key, ready acks and concurrent writers. Backend-specific behaviour is tested beside it
+(SQLite below; Redis in tests/redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +29,27 @@ ROOM = "store-room"
 StoreFactory = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for this module; every test gets its own key prefix."""
+    from mls_provider.testing.redis_server import RedisServer
+
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis"), appendonly=True) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Builds a store of the parametrized backend; SQLite ones share tmp_path/ds.db."""
+    """Builds a store of the parametrized backend; stores of one test share their data
+    (SQLite: tmp_path/ds.db; Redis: a key prefix of its own)."""
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
 
     def make(log_retention: int = 10_000) -> Store:
         if request.param == "memory":
             return MemoryStore(log_retention=log_retention)
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            return open_store(f"{url}?prefix={prefix}", log_retention=log_retention)
         return SqliteStore(tmp_path / "ds.db", log_retention=log_retention)
 
     return make

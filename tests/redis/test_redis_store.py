@@ -95,22 +95,7 @@ async def watch() -> AsyncIterator[Callable[[RedisStore], Watch]]:
         await w.close()
 
 
-# ---- the contract ------------------------------------------------------------------------
-
-
-async def test_save_load_round_trip(redis_server: RedisServer, make_store: MakeStore) -> None:
-    """A saved record loads back equal with version 1, from another instance too; rooms()
-    lists every saved room, sorted; a room never saved loads None."""
-    store = await make_store(redis_server.url)
-    other = await make_store(redis_server.url)
-    assert await store.load(ROOM) is None
-    assert await store.rooms() == []
-    state = rich_state()
-    await store.save(state, 0, [entry(1)], {}, [])
-    assert state.version == 1
-    assert await other.load(ROOM) == state
-    await store.save(RoomState(room="a-room"), 0, [], {}, [])
-    assert await other.rooms() == ["a-room", ROOM]
+# ---- the contract, Redis specifics (the generic contract: tests/ds/test_store.py) ----------
 
 
 async def test_compare_and_set_conflict_writes_nothing(
@@ -167,61 +152,6 @@ async def test_a_duplicate_seq_fails_the_whole_save(
     assert await store.key_package(ROOM, b"new") is None
     await store.save(broken, 1, [entry(3)], {}, [])
     assert await store.load(ROOM) == broken and broken.version == 2
-
-
-async def test_read_log_after_and_limit(redis_server: RedisServer, make_store: MakeStore) -> None:
-    """read_log returns entries strictly after the cursor, oldest first, at most
-    ``limit``, with their recipients; rooms' logs are separate."""
-    store = await make_store(redis_server.url)
-    state = RoomState(room=ROOM)
-    entries = [entry(i, ("bob", "é") if i % 3 == 0 else None) for i in range(1, 21)]
-    await store.save(state, 0, entries[:10], {}, [])
-    await store.save(state, 1, entries[10:], {}, [])
-    await store.save(RoomState(room="other-room"), 0, [entry(1), entry(2)], {}, [])
-
-    assert await store.read_log(ROOM, 0) == entries
-    assert [e.seq for e in await store.read_log(ROOM, 7, 5)] == [8, 9, 10, 11, 12]
-    assert await store.read_log(ROOM, 20) == []
-    assert await store.read_log(ROOM, 1000) == []
-    assert await store.read_log(ROOM, 0, 0) == []
-    assert await store.read_log("nowhere", 0) == []
-    assert (await store.read_log(ROOM, 2, 1))[0].recipients == ("bob", "é")
-    assert [e.seq for e in await store.read_log("other-room", 0)] == [1, 2]
-    assert await store.log_start("nowhere") == 1
-    assert await store.log_start(ROOM) == 1
-
-
-async def test_retention_trims_the_log_and_moves_log_start(
-    redis_server: RedisServer, make_store: MakeStore
-) -> None:
-    """Only the newest ``log_retention`` entries are kept; log_start names the oldest."""
-    store = await make_store(redis_server.url, log_retention=5)
-    state = RoomState(room=ROOM)
-    await store.save(state, 0, [entry(i) for i in range(1, 4)], {}, [])
-    assert await store.log_start(ROOM) == 1
-    await store.save(state, 1, [entry(i) for i in range(4, 13)], {}, [])
-    assert await store.log_start(ROOM) == 8
-    assert [e.seq for e in await store.read_log(ROOM, 0)] == [8, 9, 10, 11, 12]
-    await store.save(state, 2, [], {}, [])  # no entries: nothing trimmed
-    assert await store.log_start(ROOM) == 8
-    await store.save(state, 3, [entry(13)], {}, [])
-    assert await store.log_start(ROOM) == 9
-    assert [e.seq for e in await store.read_log(ROOM, 0)] == [9, 10, 11, 12, 13]
-
-
-async def test_key_packages_put_and_drop(redis_server: RedisServer, make_store: MakeStore) -> None:
-    """Key packages are stored per room by ref, replaced by a later put, and dropped."""
-    store = await make_store(redis_server.url)
-    state, other = RoomState(room=ROOM), RoomState(room="other-room")
-    await store.save(state, 0, [], {b"a": b"A", b"b": b"B"}, [])
-    await store.save(other, 0, [], {b"a": b"other A"}, [])
-    await store.save(state, 1, [], {b"c": b"C", b"b": b"B2"}, [b"a"])
-    assert await store.key_package(ROOM, b"a") is None
-    assert await store.key_package(ROOM, b"b") == b"B2"
-    assert await store.key_package(ROOM, b"c") == b"C"
-    assert await store.key_package("other-room", b"a") == b"other A"
-    await store.save(state, 2, [], {}, [b"missing"])  # dropping an unknown ref is fine
-    assert await store.key_package(ROOM, b"c") == b"C"
 
 
 async def test_ds_key_is_shared_by_every_process(
