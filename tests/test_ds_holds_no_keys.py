@@ -28,6 +28,11 @@ API_KEY = "no-keys-test"
 ROOM = "no-keys-room"
 
 
+def everything_written(workdir: Path) -> bytes:
+    """The DS's database, write-ahead log and log file, concatenated."""
+    return b"".join(p.read_bytes() for p in workdir.iterdir() if p.is_file())
+
+
 async def test_no_key_material_in_anything_the_ds_wrote(tmp_path: Path) -> None:
     secret = secrets.token_urlsafe(40)
     ds = DeliveryServiceProcess(
@@ -80,7 +85,7 @@ async def test_no_key_material_in_anything_the_ds_wrote(tmp_path: Path) -> None:
 
     assert len(all_keys) >= 10, "the room must have rotated keys several times"
     secrets_to_find = all_keys | {livekit_frame_key(k) for k in all_keys}
-    written = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    written = everything_written(tmp_path)
     assert len(written) > 10_000, "the DS wrote its database and log here"
     leaked = [k.hex()[:16] for k in secrets_to_find if k in written or k.hex().encode() in written]
     assert not leaked, f"key material found in what the DS wrote: {leaked}"
