@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-quiet",
         type=float,
         default=float(_env("BATCH_QUIET", str(d_order.batch_quiet))),
-        help="Adds are committed once no Add came for this long (seconds)",
+        help="Adds are committed once no join came for this long (seconds)",
     )
     a(
         "--batch-max-wait",

@@ -49,7 +49,7 @@ class OrderingConfig:
     create_timeout: float = 5.0
     # Adds are batched: a commit is requested once no Add came for `batch_quiet`, or
     # `batch_max_wait` after the first pending Add. Removes are requested at once.
-    batch_quiet: float = 0.02
+    batch_quiet: float = 0.035
     batch_max_wait: float = 0.5
 
 
@@ -397,7 +397,10 @@ class CommitOrdering:
         if any(p.kind == "remove" for p in state.pending):
             return min(p.issued_at for p in state.pending)
         first = min(p.issued_at for p in state.pending)
-        last = max(p.issued_at for p in state.pending)
+        # "quiet" counts from the latest join, including joins whose Add is still held
+        arrivals = [p.joined_at for name, p in state.participants.items()
+                    if state.members.get(name) != p.kp_ref]  # fmt: skip
+        last = max([p.issued_at for p in state.pending] + arrivals)
         return min(last + cfg.batch_quiet, first + cfg.batch_max_wait)
 
     async def _execute(self, tx: RoomTx) -> None:
@@ -436,8 +439,13 @@ class CommitOrdering:
             if not current(name) and ("remove", name) not in pending:
                 message, ref = await asyncio.to_thread(observed.propose_remove, member.leaf_index)
                 self._issue(tx, message, ref, "remove", name, b"")
+        # While a commit is requested, new Adds wait for the next epoch: a commit must carry
+        # every pending proposal, so Adds streaming in during a burst of joins would make
+        # every commit attempt miss one, until the joins stop. (Removes are not held.)
+        request = state.commit_request
+        hold_adds = request is not None and request.epoch == state.epoch
         for name, participant in list(state.participants.items()):  # may drop entries
-            if current(name) or ("add", name) in pending:
+            if current(name) or ("add", name) in pending or hold_adds:
                 continue
             key_package = await tx.key_package(participant.kp_ref)
             try:

@@ -310,26 +310,43 @@ async def test_designated_committer_is_lowest_leaf_that_stays(env: Env) -> None:
 
 
 async def test_commit_missing_a_pending_proposal_is_epoch_conflict(env: Env) -> None:
-    """A commit that leaves out a pending DS proposal is rejected with EpochConflict at the
-    current epoch and stores nothing; once it covers every proposal it is accepted."""
-    alice, _bob = await env.grow("alice", "bob")
+    """A commit that leaves out a pending DS proposal (here a Remove issued after the commit
+    request) is rejected with EpochConflict at the current epoch and stores nothing; once it
+    covers every proposal it is accepted."""
+    alice, _bob, _carol = await env.grow("alice", "bob", "carol")
     epoch = alice.require_group().epoch
     await env.join("dave")
-    await env.join("erin")
+    await env.manager.leave(ROOM, "carol")
     proposals = [e.proposal for e in await env.events() if e.WhichOneof("event") == "proposal"]
-    dave_add, erin_add = proposals[-2:]
-    assert (dave_add.target_identity, erin_add.target_identity) == ("dave", "erin")
+    dave_add, carol_remove = proposals[-2:]
+    assert (dave_add.kind, carol_remove.kind) == ("add", "remove")
 
     alice.require_group().process_message(dave_add.message)  # only one of the two
     error = await env.assert_rejected(EpochConflict, alice.submit(alice.make_commit()))
     assert isinstance(error, EpochConflict) and error.epoch == epoch
     assert not alice.require_group().has_pending_commit
 
-    alice.require_group().process_message(erin_add.message)
+    alice.require_group().process_message(carol_remove.message)
     response = await alice.commit()
     assert response.epoch == epoch + 1
     commit = [e.commit for e in await env.events() if e.WhichOneof("event") == "commit"][-1]
-    assert (commit.epoch, sorted(commit.added)) == (epoch, ["dave", "erin"])
+    assert (commit.epoch, commit.added, commit.removed) == (epoch, ["dave"], ["carol"])
+
+
+async def test_adds_wait_while_a_commit_is_requested(env: Env) -> None:
+    """While a commit is requested, a new join's Add is held back (so the requested commit
+    cannot be outrun by a stream of joins) and proposed for the next epoch."""
+    alice, _bob = await env.grow("alice", "bob")
+    await env.join("dave")
+    requests = [e for e in await env.events() if e.HasField("commit_request")]
+    assert requests, "dave's Add must have led to a commit request"
+    await env.join("erin")  # arrives while the request is outstanding
+    adds = [e.proposal.target_identity for e in await env.events() if e.HasField("proposal")]
+    assert "erin" not in adds, "erin's Add must wait for the next epoch"
+    await env.settle()
+    commits = [e.commit for e in await env.events() if e.HasField("commit")]
+    assert [c.added for c in commits[-2:]] == [["dave"], ["erin"]]
+    assert sorted(alice.roster()) == ["alice", "bob", "dave", "erin"]
 
 
 async def test_stale_commit_is_epoch_conflict_with_current_epoch(env: Env) -> None:
