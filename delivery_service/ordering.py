@@ -258,6 +258,10 @@ class CommitOrdering:
                 raise InvalidRequest(f"invalid group info: {e}") from e
             if gi_info.wire_format != "group_info":
                 raise InvalidRequest("group_info is not a GroupInfo")
+            if not candidate.describes(group_info):
+                raise InvalidRequest(
+                    f"group_info does not describe epoch {applied.epoch} as the commit creates it"
+                )
             state.group_info = group_info
 
         # accepted: from here on nothing can fail

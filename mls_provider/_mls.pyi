@@ -244,6 +244,9 @@ class ObservedGroup:
     def snapshot(self) -> bytes:
         """Public state only (tree, context, cached proposals): no secrets."""
     def tree_hash(self) -> bytes: ...
+    def describes(self, group_info: bytes) -> bool:
+        """Whether ``group_info`` is of exactly the observed epoch (same GroupContext:
+        group id, epoch, tree hash, transcript hash, extensions). No signature check."""
     def copy(self) -> ObservedGroup:
         """An independent copy, to try a commit and keep it only if accepted."""
 

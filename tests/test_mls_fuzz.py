@@ -135,6 +135,7 @@ ENTRY_POINTS = [
     "observe",
     "observer_load",
     "validate_key_package",
+    "observed_describes",
 ]
 
 
@@ -151,6 +152,7 @@ def test_stateless_entry_points_survive_garbage(corpus: Corpus, entry_point: str
         "observe": corpus.observer.observe,
         "observer_load": corpus.observer.load,
         "validate_key_package": corpus.observer.validate_key_package,
+        "observed_describes": corpus.observed.describes,
     }
     check(entries[entry_point], mutations(rng, corpus.samples, CASES))
 

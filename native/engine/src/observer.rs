@@ -218,6 +218,19 @@ impl ObservedGroup {
         Ok(self.inner.snapshot().to_bytes()?)
     }
 
+    /// Whether `group_info` describes exactly the observed epoch: its GroupContext
+    /// (group id, epoch, tree hash, confirmed transcript hash, extensions) equals the
+    /// one this observer derived. No signature check (that happens when the GroupInfo
+    /// is observed); this only stops a committer from storing a GroupInfo of another
+    /// epoch or group next to its commit.
+    pub fn describes(&self, group_info: &[u8]) -> Result<bool> {
+        let message = parse_message(group_info)?;
+        let info = message
+            .as_group_info()
+            .ok_or_else(|| Error::decode("not a GroupInfo"))?;
+        Ok(info.group_context() == self.inner.group_context())
+    }
+
     /// Hash of the current ratchet tree, useful for comparing observers.
     pub fn tree_hash(&self) -> Vec<u8> {
         self.inner.tree_hash().to_vec()

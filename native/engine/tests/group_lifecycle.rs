@@ -89,6 +89,25 @@ fn stale_and_replayed_commits_are_epoch_errors() {
 }
 
 #[test]
+fn a_group_info_describes_only_the_epoch_its_commit_creates() {
+    let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let mut group = client("alice")
+        .create_group(b"room", &[ds.signing_identity().unwrap()])
+        .unwrap();
+    let mut observed = ds.observe(&group.group_info(true).unwrap()).unwrap();
+    let previous = group.group_info(true).unwrap();
+    let rival = group.commit(&[], &[]).unwrap();
+    group.discard_pending_commit();
+    let output = group.commit(&[], &[]).unwrap();
+    observed.process_message(&output.commit).unwrap();
+    assert!(observed.describes(&output.group_info.unwrap()).unwrap());
+    assert!(!observed.describes(&previous).unwrap());
+    assert!(!observed.describes(&rival.group_info.unwrap()).unwrap());
+    let err = observed.describes(&output.commit).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Decode);
+}
+
+#[test]
 fn state_round_trips_and_belongs_to_its_identity() {
     let alice = client("alice");
     let mut group = alice.create_group(b"room", &[]).unwrap();

@@ -758,6 +758,11 @@ impl ObservedGroup {
         lock(&self.inner).tree_hash()
     }
 
+    /// Whether ``group_info`` describes exactly the observed epoch (same GroupContext).
+    fn describes(&self, py: Python<'_>, group_info: &[u8]) -> PyResult<bool> {
+        self.with(py, |g| g.describes(group_info))
+    }
+
     /// An independent copy: try a commit on it, keep it only if the commit is accepted.
     fn copy(&self, py: Python<'_>) -> PyResult<ObservedGroup> {
         let copy = self.with(py, |g| Ok(g.clone()))?;
