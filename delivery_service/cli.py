@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adds are committed once no join came for this long (seconds)",
     )
     a(
+        "--burst-quiet",
+        type=float,
+        default=float(_env("BURST_QUIET", str(d_order.burst_quiet))),
+        help="the quiet window while a burst of joins is under way (seconds)",
+    )
+    a(
         "--batch-max-wait",
         type=float,
         default=float(_env("BATCH_MAX_WAIT", str(d_order.batch_max_wait))),
@@ -200,6 +206,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         execute_timeout=args.execute_timeout,
         create_timeout=args.create_timeout,
         batch_quiet=args.batch_quiet,
+        burst_quiet=args.burst_quiet,
         batch_max_wait=args.batch_max_wait,
     )
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -51,6 +51,9 @@ class OrderingConfig:
     # `batch_max_wait` after the first pending Add. Removes are requested at once.
     batch_quiet: float = 0.035
     batch_max_wait: float = 0.5
+    # During a burst (some pending Adds were held back while the previous commit ran) the
+    # quiet window is longer, so a hiccup in the stream of joins does not cost an epoch.
+    burst_quiet: float = 0.15
 
 
 KeyPackageLoader = Callable[[bytes], Awaitable[bytes | None]]
@@ -402,10 +405,17 @@ class CommitOrdering:
             return min(p.issued_at for p in state.pending)
         first = min(p.issued_at for p in state.pending)
         # "quiet" counts from the latest join, including joins whose Add is still held
-        arrivals = [p.joined_at for name, p in state.participants.items()
-                    if state.members.get(name) != p.kp_ref]  # fmt: skip
-        last = max([p.issued_at for p in state.pending] + arrivals)
-        return min(last + cfg.batch_quiet, first + cfg.batch_max_wait)
+        joining = [p for name, p in state.participants.items()
+                   if state.members.get(name) != p.kp_ref]  # fmt: skip
+        last = max([p.issued_at for p in state.pending] + [p.joined_at for p in joining])
+        # an Add proposed after its participant joined was held: a burst is under way
+        joined_at = {p.kp_ref: p.joined_at for p in joining}
+        burst = any(
+            p.kind == "add" and p.issued_at > joined_at.get(p.kp_ref, p.issued_at)
+            for p in state.pending
+        )
+        quiet = cfg.burst_quiet if burst else cfg.batch_quiet
+        return min(last + quiet, first + cfg.batch_max_wait)
 
     async def _execute(self, tx: RoomTx) -> None:
         state = tx.state

@@ -51,6 +51,7 @@ def test_ds_identity_and_defaults() -> None:
     assert rows["--execute-timeout"] == f"{defaults.execute_timeout} s"
     assert rows["--create-timeout"] == f"{defaults.create_timeout} s"
     assert rows["--batch-quiet"] == f"{defaults.batch_quiet} s"
+    assert rows["--burst-quiet"] == f"{defaults.burst_quiet} s"
     assert rows["--batch-max-wait"] == f"{defaults.batch_max_wait} s"
     assert f"(default {defaults.ring_size}, allowed 2..256)" in PROTOCOL
 

@@ -10,8 +10,9 @@ stored one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -147,17 +148,25 @@ class Env:
         return info.value
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
+@contextlib.asynccontextmanager
+async def make_env(config: OrderingConfig) -> AsyncIterator[Env]:
     store = MemoryStore()
     await store.open()
     observer = mls.ExternalObserver(DS_IDENTITY, mls.SignatureKeyPair.generate())
     clock = FakeClock()
-    manager = RoomManager(store, CommitOrdering(observer, CONFIG), Hub(), Metrics(), clock=clock)
+    manager = RoomManager(store, CommitOrdering(observer, config), Hub(), Metrics(), clock=clock)
     await manager.start()
-    yield Env(store, manager, clock, observer)
-    await manager.stop()
-    await store.close()
+    try:
+        yield Env(store, manager, clock, observer)
+    finally:
+        await manager.stop()
+        await store.close()
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with make_env(CONFIG) as env:
+        yield env
 
 
 async def executes(env: Env) -> list[tuple[str, int]]:
@@ -347,6 +356,41 @@ async def test_adds_wait_while_a_commit_is_requested(env: Env) -> None:
     commits = [e.commit for e in await env.events() if e.HasField("commit")]
     assert [c.added for c in commits[-2:]] == [["dave"], ["erin"]]
     assert sorted(alice.roster()) == ["alice", "bob", "dave", "erin"]
+
+
+async def test_a_burst_of_joins_is_batched_with_the_longer_quiet_window() -> None:
+    """A lone join's Add is committed after ``batch_quiet``; Adds that were held back while
+    a commit ran (a burst under way) wait ``burst_quiet`` after the latest of them, so a
+    short gap in a burst of joins does not cost an epoch."""
+    config = replace(CONFIG, batch_quiet=0.035, burst_quiet=0.15, batch_max_wait=0.5)
+    async with make_env(config) as env:
+        await env.grow("alice")
+        await env.join("bob")
+        await env.tick(0.05)
+        await env.settle()
+
+        def requested(events: list[pb.RoomEvent]) -> bool:
+            return any(e.HasField("commit_request") for e in events)
+
+        head = await env.head()
+        await env.join("dave")  # a lone join
+        await env.tick(0.03)
+        assert not requested(await env.events(head))
+        await env.tick(0.01)
+        assert requested(await env.events(head))
+
+        await env.join("erin")  # held: alice's commit for dave is requested
+        await env.tick(0.01)
+        await env.deliver()
+        await env.members["alice"].commit()
+        await env.deliver()  # dave's epoch executes; erin's held Add is proposed now
+        head = await env.head()
+        await env.tick(0.1)
+        assert not requested(await env.events(head)), "batch_quiet must not apply in a burst"
+        await env.tick(0.06)
+        assert requested(await env.events(head))
+        await env.settle()
+        assert sorted(env.members["alice"].roster()) == ["alice", "bob", "dave", "erin"]
 
 
 async def test_stale_commit_is_epoch_conflict_with_current_epoch(env: Env) -> None:
