@@ -33,7 +33,6 @@ import urllib.request
 from pathlib import Path
 
 from common import markdown_table, percentile, write_result
-from livekit import api
 
 from mls_provider import mls
 from mls_provider.testing.ds_process import DeliveryServiceProcess
@@ -58,12 +57,7 @@ def metric(ds: DeliveryServiceProcess, name: str) -> float:
 
 class Member:
     def __init__(self, identity: str, room: str, ds: DeliveryServiceProcess, secret: str) -> None:
-        token = (
-            api.AccessToken(API_KEY, secret)
-            .with_identity(identity)
-            .with_grants(api.VideoGrants(room_join=True, room=room))
-            .to_jwt()
-        )
+        token = ds.token(identity, room)
         self.identity = identity
         self.client = DeliveryClient(ds.target, token)
         self.mls = mls.MlsClient(identity, mls.SignatureKeyPair.generate())

@@ -49,12 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from common import markdown_table, percentile, write_result
-from livekit import api
 
 from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.testing.redis_server import RedisServer
+from mls_provider.testing.tokens import join_token
 from mls_provider.transport import (
     DeliveryClient,
     DeliveryServiceError,
@@ -82,12 +82,7 @@ CONFIGS = {
 
 class Member:
     def __init__(self, identity: str, room: str, target: str, secret: str) -> None:
-        token = (
-            api.AccessToken(API_KEY, secret)
-            .with_identity(identity)
-            .with_grants(api.VideoGrants(room_join=True, room=room))
-            .to_jwt()
-        )
+        token = join_token(API_KEY, secret, identity, room)
         self.identity = identity
         self.client = DeliveryClient(target, token, timeout=60.0)
         self.mls = mls.MlsClient(identity, mls.SignatureKeyPair.generate())

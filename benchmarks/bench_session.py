@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 
 from common import markdown_table, percentile, write_result
-from livekit import api
 
 from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
@@ -97,13 +96,7 @@ class Room:
         self.members: dict[str, Member] = {}
 
     def token(self, identity: str) -> str:
-        grants = api.VideoGrants(room_join=True, room=self.name)
-        return (
-            api.AccessToken(API_KEY, self.secret)
-            .with_identity(identity)
-            .with_grants(grants)
-            .to_jwt()
-        )
+        return self.ds.token(identity, self.name)
 
     async def add(self, identity: str) -> Member:
         client = TimedDeliveryClient(self.ds.target, self.token(identity))

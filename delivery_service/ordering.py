@@ -79,6 +79,8 @@ class RoomTx:
         self.now = now
         self.start_head = state.head
         self.entries: list[LogEntry] = []
+        # what was emitted, for metrics: (event kind, proposal kind or "")
+        self.emitted: list[tuple[str, str]] = []
         self.put_key_packages: dict[bytes, bytes] = {}
         self.drop_key_packages: set[bytes] = set()
         self.state_changed = False
@@ -95,6 +97,8 @@ class RoomTx:
         self.state.head += 1
         message = pb.RoomEvent(seq=self.state.head, generation=self.state.generation, **event)  # type: ignore[arg-type]
         self.entries.append(LogEntry(self.state.head, message.SerializeToString(), recipients))
+        ((kind, payload),) = event.items()
+        self.emitted.append((kind, payload.kind if isinstance(payload, pb.Proposal) else ""))
         self.state_changed = True
         return self.state.head
 
@@ -223,9 +227,14 @@ class CommitOrdering:
                 f"stale commit: the room's group is at epoch {state.epoch}", state.epoch
             )
         before = tx.observed
-        candidate = await asyncio.to_thread(before.copy)
+
+        def apply_to_copy() -> tuple[mls.ObservedGroup, mls.Received]:
+            # tried on a copy: kept only if the commit is accepted
+            copy = before.copy()
+            return copy, copy.process_message(commit)
+
         try:
-            applied = await asyncio.to_thread(candidate.process_message, commit)
+            candidate, applied = await asyncio.to_thread(apply_to_copy)
         except mls.EpochError as e:
             raise EpochConflict(f"stale commit: {e}", state.epoch) from e
         except mls.MlsError as e:
@@ -256,18 +265,17 @@ class CommitOrdering:
                 )
         if group_info:
             try:
-                gi_info = mls.message_info(group_info)
+                describes = candidate.describes(group_info)
             except mls.MlsError as e:
                 raise InvalidRequest(f"invalid group info: {e}") from e
-            if gi_info.wire_format != "group_info":
-                raise InvalidRequest("group_info is not a GroupInfo")
-            if not candidate.describes(group_info):
+            if not describes:
                 raise InvalidRequest(
                     f"group_info does not describe epoch {applied.epoch} as the commit creates it"
                 )
-            state.group_info = group_info
 
         # accepted: from here on nothing can fail
+        if group_info:
+            state.group_info = group_info
         add_refs = {p.identity: p.kp_ref for p in state.pending if p.kind == "add"}
         for name in removed:
             state.members.pop(name, None)

@@ -190,13 +190,11 @@ class RoomManager:
         self.hub.publish(room, tx.entries)
         if tx.entries:
             self._published[room] = tx.entries[-1].seq
-        for entry in tx.entries:
-            event = entry.decode()
-            kind = event.WhichOneof("event")
+        for kind, proposal_kind in tx.emitted:  # no need to decode what was just encoded
             if kind == "commit":
                 self.metrics.commits_accepted.inc()
             elif kind == "proposal":
-                self.metrics.proposals_issued.labels(event.proposal.kind).inc()
+                self.metrics.proposals_issued.labels(proposal_kind).inc()
         self._schedule(room, tx.state)
 
     # ---- deadlines -----------------------------------------------------------------

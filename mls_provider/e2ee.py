@@ -36,6 +36,19 @@ def _target(ds_url: str) -> tuple[str, grpc.ChannelCredentials | None]:
     return ds_url.removeprefix("grpc://"), None
 
 
+def encryption_options(ring_size: int, failure_tolerance: int = 0) -> rtc.E2EEOptions:
+    """LiveKit E2EE options as the protocol fixes them: per-participant keys (no shared
+    key), HKDF, no auto-ratchet (MLS owns rotation), a key ring of ``ring_size`` slots."""
+    options = rtc.E2EEOptions()
+    kp = options.key_provider_options
+    kp.shared_key = None
+    kp.key_derivation_function = rtc.KeyDerivationFunction.HKDF
+    kp.ratchet_window_size = 0
+    kp.failure_tolerance = failure_tolerance
+    kp.key_ring_size = ring_size
+    return options
+
+
 class MlsE2EE:
     """One participant's MLS key management for one LiveKit room.
 
@@ -76,14 +89,7 @@ class MlsE2EE:
     def encryption_options(self) -> rtc.E2EEOptions:
         """Room encryption options fixed by the protocol (per-participant keys, HKDF,
         no auto-ratchet: MLS owns rotation). Pass them to ``rtc.RoomOptions(encryption=)``."""
-        options = rtc.E2EEOptions()
-        kp = options.key_provider_options
-        kp.shared_key = None
-        kp.key_derivation_function = rtc.KeyDerivationFunction.HKDF
-        kp.ratchet_window_size = 0
-        kp.failure_tolerance = self.failure_tolerance
-        kp.key_ring_size = self.config.ring_size
-        return options
+        return encryption_options(self.config.ring_size, self.failure_tolerance)
 
     def on(self, event: str, callback: Callback) -> Callback:
         """Subscribes to session events (see :class:`MlsSession`); works before attach."""
@@ -116,8 +122,10 @@ class MlsE2EE:
             self.sink.detach()
         if self.session is not None:
             await self.session.stop(leave=leave)
+        current = asyncio.current_task()
         for task in list(self._tasks):
-            task.cancel()
+            if task is not current:  # aclose may run in one of them (on disconnect)
+                task.cancel()
         await self.ds.close()
 
     @property

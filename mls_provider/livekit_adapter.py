@@ -42,10 +42,6 @@ class LiveKitKeySink:
         self.sender_index = key_index
         self._apply()
 
-    def export_key(self, identity: str, key_index: int) -> bytes:
-        """The material installed for ``identity`` at ``key_index`` (for checks)."""
-        return self._provider.export_key(identity, key_index)
-
     def _apply(self, track_sid: str | None = None) -> None:
         for cryptor in self._manager.frame_cryptors():
             if cryptor.participant_identity != self.local_identity:

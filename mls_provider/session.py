@@ -34,7 +34,7 @@ from typing import TypeVar
 from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
 from mls_provider.events import EventEmitter
-from mls_provider.keys import KeySchedule, verification_code
+from mls_provider.keys import DEFAULT_RING_SIZE, KeySchedule, verification_code
 from mls_provider.sinks import KeySink
 from mls_provider.transport import (
     CursorTooOld,
@@ -67,7 +67,7 @@ class SessionConfig:
     """How a session runs. ``ring_size`` and ``cipher_suite`` must match the DS's room
     configuration (checked at join)."""
 
-    ring_size: int = 16
+    ring_size: int = DEFAULT_RING_SIZE
     cipher_suite: int = mls.DEFAULT_CIPHER_SUITE
     # pin the DS signature key: groups listing another external sender are refused
     ds_public_key: bytes | None = None
@@ -256,7 +256,6 @@ class MlsSession(EventEmitter):
     async def _on_reset(self, event: pb.RoomEvent) -> bool:
         if self.group is None:
             return False  # waiting with a fresh key package: the DS adds us to the new group
-        self._drop_group()
         await self._rejoin(f"group retired: {event.reset.reason}")
         return True
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from livekit import api
 
 from delivery_service.proto import delivery_pb2 as pb
 from mls_provider.session import MlsSession, SessionConfig
@@ -65,8 +64,7 @@ async def test_kill_9_during_churn_loses_and_duplicates_nothing(tmp_path: Path) 
     sessions: dict[str, MlsSession] = {}
 
     def token(identity: str) -> str:
-        grants = api.VideoGrants(room_join=True, room=ROOM)
-        return api.AccessToken(API_KEY, secret).with_identity(identity).with_grants(grants).to_jwt()
+        return ds.token(identity, ROOM)
 
     async def join(identity: str) -> None:
         config = SessionConfig(ds_public_key=ds.public_key, retry_initial=0.05, retry_max=0.5)

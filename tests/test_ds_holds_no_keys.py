@@ -14,7 +14,6 @@ import secrets
 from pathlib import Path
 
 import pytest
-from livekit import api
 
 from mls_provider.keys import livekit_frame_key
 from mls_provider.session import MlsSession, SessionConfig
@@ -43,8 +42,7 @@ async def test_no_key_material_in_anything_the_ds_wrote(tmp_path: Path) -> None:
     all_keys: set[bytes] = set()
 
     def token(identity: str) -> str:
-        grants = api.VideoGrants(room_join=True, room=ROOM)
-        return api.AccessToken(API_KEY, secret).with_identity(identity).with_grants(grants).to_jwt()
+        return ds.token(identity, ROOM)
 
     async def join(identity: str) -> None:
         session = MlsSession(

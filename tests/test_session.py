@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from livekit import api
 
 from delivery_service.ordering import OrderingConfig
 from delivery_service.server import DeliveryServer
@@ -17,6 +16,7 @@ from delivery_service.settings import Settings
 from mls_provider import mls
 from mls_provider.session import DsKeyMismatch, MlsSession, SessionConfig, SessionError
 from mls_provider.sinks import HeadlessKeySink
+from mls_provider.testing.tokens import join_token
 from mls_provider.transport import DeliveryClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,8 +26,7 @@ SECRET = secrets.token_urlsafe(40)
 
 
 def token(identity: str, room: str = "room") -> str:
-    grants = api.VideoGrants(room_join=True, room=room)
-    return api.AccessToken(KEY, SECRET).with_identity(identity).with_grants(grants).to_jwt()
+    return join_token(KEY, SECRET, identity, room)
 
 
 def settings(store: str) -> Settings:

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import IO
 
 from mls_provider.testing.livekit_server import pdeathsig_prefix
+from mls_provider.testing.tokens import join_token
 
 _HOST = "127.0.0.1"
 
@@ -81,6 +82,10 @@ class DeliveryServiceProcess:
 
     def __repr__(self) -> str:
         return f"<DeliveryServiceProcess {self.target} store={self.store.split('@')[-1]}>"
+
+    def token(self, identity: str, room: str) -> str:
+        """A join token for ``identity`` in ``room``, signed with the key this DS trusts."""
+        return join_token(self.api_key, self._api_secret, identity, room)
 
     @property
     def target(self) -> str:

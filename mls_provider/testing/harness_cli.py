@@ -202,7 +202,6 @@ _STATUS_STYLE = {
     "rejoining": "yellow",
     "leaving": "dim",
     "left": "dim",
-    "stopped": "dim",
     "killed": "red",
     "exited": "red",
     "failed": "bold red",

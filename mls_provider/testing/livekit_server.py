@@ -31,7 +31,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import yaml
-from livekit import api
+
+from mls_provider.testing.tokens import join_token
 
 __all__ = [
     "LiveKitServer",
@@ -222,20 +223,16 @@ class LiveKitServer:
         name: str | None = None,
     ) -> str:
         """A join token for ``identity`` in ``room``, signed with this server's key."""
-        grants = api.VideoGrants(
-            room_join=True,
-            room=room,
+        return join_token(
+            self.api_key,
+            self.api_secret,
+            identity,
+            room,
+            ttl=ttl,
+            name=name if name is not None else identity,
             can_publish=can_publish,
             can_subscribe=can_subscribe,
             can_publish_data=can_publish_data,
-        )
-        return (
-            api.AccessToken(self.api_key, self.api_secret)
-            .with_identity(identity)
-            .with_name(name if name is not None else identity)
-            .with_ttl(ttl)
-            .with_grants(grants)
-            .to_jwt()
         )
 
     # -- lifecycle -------------------------------------------------------------------------

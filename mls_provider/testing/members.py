@@ -390,7 +390,7 @@ class ProcessMember(Member):
                     str(event["code"]),
                     int(event["executed"]),
                 )
-            elif name in ("removed", "rejoining"):
+            elif name in ("removed", "rejoining", "error"):
                 self.lost_group(t, name, str(event.get("reason", "")))
             elif name == "e2ee_state" and int(event["state"]) in FAILURE_STATES:
                 self._failures.append((t, str(event["identity"]), int(event["state"])))

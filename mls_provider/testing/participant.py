@@ -26,8 +26,9 @@ from typing import IO, cast
 
 from livekit import rtc
 
-from mls_provider.e2ee import MlsE2EE
+from mls_provider.e2ee import MlsE2EE, encryption_options
 from mls_provider.events import Callback
+from mls_provider.keys import DEFAULT_RING_SIZE, key_index
 from mls_provider.session import EpochInfo
 from mls_provider.testing.audio import (
     SAMPLE_RATE,
@@ -40,8 +41,7 @@ from mls_provider.testing.audio import (
     wait_for_tone,
 )
 from mls_provider.testing.livekit_server import pdeathsig_prefix
-
-DEFAULT_RING_SIZE = 16
+from mls_provider.testing.members import SESSION_EVENTS
 
 
 @dataclass(frozen=True)
@@ -115,14 +115,9 @@ class Participant:
                 auto_subscribe=self.subscribe, encryption=self.e2ee.encryption_options()
             )
         if self.encrypted:  # E2EE on, but never any key
-            options = rtc.E2EEOptions()
-            kp = options.key_provider_options
-            kp.shared_key = None
-            kp.key_derivation_function = rtc.KeyDerivationFunction.HKDF
-            kp.ratchet_window_size = 0
-            kp.failure_tolerance = 0
-            kp.key_ring_size = self.ring_size
-            return rtc.RoomOptions(auto_subscribe=self.subscribe, encryption=options)
+            return rtc.RoomOptions(
+                auto_subscribe=self.subscribe, encryption=encryption_options(self.ring_size)
+            )
         return rtc.RoomOptions(auto_subscribe=self.subscribe)
 
     async def join(self, timeout: float = 20.0) -> None:
@@ -186,7 +181,7 @@ class Participant:
         slot of ``epoch`` (LiveKit's ``export_key``)."""
         provider = self.room.e2ee_manager.key_provider
         assert provider is not None
-        return provider.export_key(identity, epoch % self.ring_size)
+        return provider.export_key(identity, key_index(epoch, self.ring_size))
 
     def failures(self, identity: str, since: float = 0.0) -> list[StateEvent]:
         """Decryption failures reported for ``identity``'s media after ``since``."""
@@ -326,7 +321,7 @@ def _report_events(participant: Participant) -> None:
 
         return handler
 
-    for name in ("joined", "epoch_changed", "transition_executed", "removed", "rejoining"):
+    for name in SESSION_EVENTS:
         participant.e2ee.on(name, session_event(name))
 
     def state_changed(p: rtc.Participant | None, state: rtc.EncryptionState) -> None:
@@ -351,9 +346,10 @@ async def _main(args: argparse.Namespace) -> None:
     await participant.join()
     print(f"READY {participant.epoch}", flush=True)
     try:
-        while True:  # until killed; report the epoch as it moves
+        # until killed. Nothing else goes to stdout unless asked for (--events): a
+        # spawner that stops reading after READY must not fill the pipe and block us.
+        while True:
             await asyncio.sleep(0.2)
-            print(f"EPOCH {participant.epoch} {participant.verification_code}", flush=True)
             if args.events:
                 _emit("status", {"heard": participant.current_tones()})
     finally:
@@ -376,10 +372,11 @@ def spawn_participant(
 ) -> subprocess.Popen[str]:
     """Starts :func:`main` (``python -m mls_provider.testing.participant``): one participant
     in its own process, its stdout a pipe of text lines — ``READY <epoch>`` once in the
-    group, then ``EPOCH`` lines, and with ``events`` ``EVENT <json>`` lines. SIGINT makes it
-    leave the group and the room; SIGKILL is a crash. ``die_with_parent`` (Linux): SIGKILL
-    when the spawning thread ends, even if this process is killed. ``stdin``, ``stderr``
-    and ``start_new_session`` go to ``subprocess.Popen``."""
+    group, then, with ``events``, ``EVENT <json>`` lines (read them: a full pipe blocks
+    it). SIGINT makes it leave the group and the room; SIGKILL is a crash.
+    ``die_with_parent`` (Linux): SIGKILL when the spawning thread ends, even if this
+    process is killed. ``stdin``, ``stderr`` and ``start_new_session`` go to
+    ``subprocess.Popen``."""
     args = [
         *(pdeathsig_prefix("KILL") if die_with_parent else []),
         sys.executable, "-m", "mls_provider.testing.participant",

@@ -26,33 +26,10 @@ import pytest
 
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.testing.livekit_server import LiveKitServer
+from mls_provider.testing.stack import Stack, start_stack
 
 if TYPE_CHECKING:
     from mls_provider.testing.participant import Participant
-
-
-@dataclass
-class Stack:
-    livekit: LiveKitServer
-    ds: DeliveryServiceProcess
-
-
-def start_stack(workdir: str, *, ds_args: tuple[str, ...] = ()) -> Stack:
-    """A LiveKit server and a delivery service wired together (webhooks, presence checks)."""
-    livekit = LiveKitServer(workdir=f"{workdir}/livekit")
-    # the DS picks its ports now, so LiveKit can be told where to send webhooks
-    ds = DeliveryServiceProcess(
-        livekit.api_key, livekit.api_secret, workdir=f"{workdir}/ds", extra_args=ds_args
-    )
-    livekit.webhook_urls = [ds.webhook_url]
-    livekit.start()
-    ds.livekit_url = livekit.http_url  # lets the DS verify members' disconnect reports
-    try:
-        ds.start()
-    except BaseException:
-        livekit.stop()
-        raise
-    return Stack(livekit, ds)
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +38,7 @@ def livekit_mls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stac
     try:
         yield stack
     finally:
-        stack.ds.stop()
-        stack.livekit.stop()
+        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -273,7 +273,7 @@ class ScenarioRunner:
             )
             self.ds.start()
         else:
-            from mls_provider.testing.plugin import start_stack
+            from mls_provider.testing.stack import start_stack
 
             stack = start_stack(str(self.workdir))
             self.livekit, self.ds = stack.livekit, stack.ds
@@ -348,15 +348,8 @@ class ScenarioRunner:
         return member
 
     def _token(self, identity: str) -> str:
-        from livekit import api
-
-        grants = api.VideoGrants(room_join=True, room=self.room)
-        return (
-            api.AccessToken("harness-key", self._headless_secret)
-            .with_identity(identity)
-            .with_grants(grants)
-            .to_jwt()
-        )
+        assert self.ds is not None
+        return self.ds.token(identity, self.room)
 
     async def _join(self, identity: str, tone_hz: float | None) -> None:
         member = self._new_member(identity, tone_hz)

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import grpc
 import pytest
-from livekit import api
 
 from delivery_service.limits import Limits
 from delivery_service.model import LogEntry, RoomState
@@ -36,6 +35,7 @@ from delivery_service.rooms import RoomManager
 from delivery_service.server import DeliveryServer
 from delivery_service.settings import Settings
 from delivery_service.store import Store
+from mls_provider.testing.tokens import join_token
 
 from .members import GrpcMember
 
@@ -68,11 +68,7 @@ def mint_token(
     room_join: bool = True,
 ) -> str:
     """A LiveKit access token as a LiveKit deployment would mint it."""
-    token = api.AccessToken(api_key, api_secret).with_identity(identity)
-    token = token.with_grants(api.VideoGrants(room_join=room_join, room=room))
-    if ttl is not None:
-        token = token.with_ttl(ttl)
-    return token.to_jwt()
+    return join_token(api_key, api_secret, identity, room, ttl=ttl, room_join=room_join)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

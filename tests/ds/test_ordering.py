@@ -640,7 +640,8 @@ async def test_a_welcome_not_addressed_to_the_added_key_packages_is_rejected(env
 async def test_a_group_info_of_another_epoch_or_commit_is_rejected(env: Env) -> None:
     """The GroupInfo stored next to a commit must describe the epoch that commit creates:
     one of the previous epoch, or of a rival commit for the same epoch (same epoch number,
-    different tree and transcript), is INVALID_ARGUMENT and stores nothing."""
+    different tree and transcript), trailing bytes, or not a GroupInfo at all is
+    INVALID_ARGUMENT and stores nothing."""
     alice, _bob = await env.grow("alice", "bob")
     epoch = alice.require_group().epoch
     group = alice.require_group()
@@ -650,7 +651,7 @@ async def test_a_group_info_of_another_epoch_or_commit_is_rejected(env: Env) -> 
     rival = group.commit()
     group.discard_pending_commit()
     assert genuine.group_info is not None and rival.group_info is not None
-    for wrong in (previous, rival.group_info):
+    for wrong in (previous, rival.group_info, genuine.group_info + b"\x00", genuine.commit):
         forged = pb.SubmitCommitRequest(epoch=epoch, commit=genuine.commit, group_info=wrong)
         await env.assert_rejected(InvalidRequest, env.manager.submit_commit(ROOM, "alice", forged))
     response = await env.manager.submit_commit(ROOM, "alice", _request(epoch, genuine))

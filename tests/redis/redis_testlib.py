@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pytest
-from livekit import api
 
 from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store.redis import RedisStore
@@ -40,6 +39,7 @@ from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.testing.redis_server import RedisServer
+from mls_provider.testing.tokens import join_token
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ DS_ARGS = (
 
 
 def mint_token(identity: str, room: str) -> str:
-    grants = api.VideoGrants(room_join=True, room=room)
-    return api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_grants(grants).to_jwt()
+    return join_token(API_KEY, API_SECRET, identity, room)
 
 
 # ---- redis-server and stores ---------------------------------------------------------
