@@ -250,8 +250,5 @@ class ObservedGroup:
     def copy(self) -> ObservedGroup:
         """An independent copy, to try a commit and keep it only if accepted."""
 
-def signing_identity(identity: str, public_key: bytes) -> bytes:
-    """The MLS-encoded SigningIdentity of ``identity`` with ``public_key``."""
-
 def message_info(message: bytes) -> MessageInfo:
     """Routing facts of an MLS message, readable without group state."""

@@ -31,7 +31,6 @@ from mls_provider._mls import (
     UnsupportedError,
     ValidationError,
     message_info,
-    signing_identity,
 )
 
 Received: TypeAlias = ProposalReceived | CommitApplied | OtherMessage
@@ -62,5 +61,4 @@ __all__ = [
     "UnsupportedError",
     "ValidationError",
     "message_info",
-    "signing_identity",
 ]

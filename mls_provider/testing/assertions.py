@@ -18,8 +18,14 @@ async def assert_hears(listener: Participant, speaker: Participant, timeout: flo
 async def assert_cannot_hear(
     listener: Participant, speaker: Participant, timeout: float = 10.0
 ) -> None:
+    # the speaker's track must reach the listener: only its content may not decode
+    recorder = await listener.recorder(speaker.identity, timeout)
+    received = recorder.frames_received
     assert await listener.cannot_hear(speaker, timeout), (
         f"{listener.identity} still hears {speaker.identity}: {listener.describe_audio(speaker)}"
+    )
+    assert recorder.frames_received > received, (
+        f"{listener.identity} gets no frames of {speaker.identity}'s track at all"
     )
 
 

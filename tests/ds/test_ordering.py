@@ -614,8 +614,8 @@ async def test_a_tick_with_nothing_due_changes_nothing(env: Env) -> None:
 
 async def test_a_welcome_not_addressed_to_the_added_key_packages_is_rejected(env: Env) -> None:
     """The Welcome must name exactly the key packages the commit adds: a Welcome from
-    another commit (here: one adding a stranger) is INVALID_ARGUMENT, nothing stored; the
-    genuine one is accepted."""
+    another commit (here: one adding a stranger), or the genuine one with bytes appended,
+    is INVALID_ARGUMENT, nothing stored; the genuine one is accepted."""
     alice, _bob = await env.grow("alice", "bob")
     epoch = alice.require_group().epoch
     await env.join("carol")
@@ -628,11 +628,12 @@ async def test_a_welcome_not_addressed_to_the_added_key_packages_is_rejected(env
     foreign = group.commit(add=[stranger.generate_key_package()])
     group.discard_pending_commit()
     assert foreign.welcome is not None and genuine.welcome is not None
-    forged = pb.SubmitCommitRequest(
-        epoch=epoch, commit=genuine.commit, welcome=foreign.welcome,
-        group_info=genuine.group_info or b"",
-    )  # fmt: skip
-    await env.assert_rejected(InvalidRequest, env.manager.submit_commit(ROOM, "alice", forged))
+    for welcome in (foreign.welcome, genuine.welcome + b"\x00"):  # trailing bytes: unusable
+        forged = pb.SubmitCommitRequest(
+            epoch=epoch, commit=genuine.commit, welcome=welcome,
+            group_info=genuine.group_info or b"",
+        )  # fmt: skip
+        await env.assert_rejected(InvalidRequest, env.manager.submit_commit(ROOM, "alice", forged))
     response = await env.manager.submit_commit(ROOM, "alice", _request(epoch, genuine))
     assert response.epoch == epoch + 1
 

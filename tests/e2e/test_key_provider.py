@@ -102,6 +102,7 @@ async def test_joiner_cannot_decrypt_media_from_before_it_joined(
             cryptor.set_key_index(old_epoch % alice.ring_size)
     assert carol.installed_key("alice", old_epoch) != alice.installed_key("alice", old_epoch)
     await assert_cannot_hear(carol, alice, timeout=5)
+    await assert_hears(bob, alice)  # the control: a member of that epoch still decrypts it
     assert new_epoch % alice.ring_size != old_epoch % alice.ring_size
 
 

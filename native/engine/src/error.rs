@@ -63,12 +63,6 @@ impl Error {
     pub fn validation(code: &str, message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Validation, code, message)
     }
-
-    /// Adds what the engine was doing in front of the message.
-    pub fn context(mut self, what: &str) -> Self {
-        self.message = format!("{what}: {}", self.message);
-        self
-    }
 }
 
 impl fmt::Display for Error {

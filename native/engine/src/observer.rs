@@ -220,9 +220,9 @@ impl ObservedGroup {
 
     /// Whether `group_info` describes exactly the observed epoch: its GroupContext
     /// (group id, epoch, tree hash, confirmed transcript hash, extensions) equals the
-    /// one this observer derived. No signature check (that happens when the GroupInfo
-    /// is observed); this only stops a committer from storing a GroupInfo of another
-    /// epoch or group next to its commit.
+    /// one this observer derived. Its signature is not checked here, only if it is ever
+    /// observed; this stops a committer from storing a GroupInfo of another epoch or
+    /// group next to its commit, not one with a bad signature.
     pub fn describes(&self, group_info: &[u8]) -> Result<bool> {
         let message = parse_message(group_info)?;
         let info = message

@@ -4,7 +4,6 @@ use mls_rs::group::proposal::Proposal;
 use mls_rs::group::{CommitEffect, CommitMessageDescription, ProposalMessageDescription, Sender};
 use mls_rs::identity::SigningIdentity;
 use mls_rs::mls_rules::ProposalSource;
-use mls_rs::MlsMessage;
 
 use crate::config::identity_of;
 use crate::error::{Error, Result};
@@ -237,7 +236,8 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
     use mls_rs::group::ContentType;
     use mls_rs::MlsMessageDescription as D;
 
-    let message = MlsMessage::from_bytes(bytes)?;
+    // strict like every other entry point: trailing bytes are an error
+    let message = crate::client::parse_message(bytes)?;
     let content_name = |c: ContentType| match c {
         ContentType::Proposal => "proposal",
         ContentType::Commit => "commit",
@@ -251,11 +251,7 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
         sender_kind: None,
         sender_index: None,
         cipher_suite: message.cipher_suite().map(u16::from),
-        welcome_recipients: message
-            .welcome_key_package_references()
-            .iter()
-            .map(|r| r.to_vec())
-            .collect(),
+        welcome_recipients: Vec::new(),
     };
     match message.description() {
         D::PublicProtocolMessage {
@@ -272,7 +268,12 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
             info.wire_format = "private_message";
             info.content_type = Some(content_name(content_type));
         }
-        D::Welcome { .. } => info.wire_format = "welcome",
+        D::Welcome {
+            key_package_refs, ..
+        } => {
+            info.wire_format = "welcome";
+            info.welcome_recipients = key_package_refs.iter().map(|r| r.to_vec()).collect();
+        }
         D::GroupInfo => info.wire_format = "group_info",
         D::KeyPackage => info.wire_format = "key_package",
     }

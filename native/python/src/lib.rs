@@ -778,18 +778,11 @@ impl ObservedGroup {
 // ---------------------------------------------------------------------------------------
 // Free functions and the module
 
-/// The MLS-encoded SigningIdentity of `identity` with `public_key` (how external senders
-/// are listed in a group context).
-#[pyfunction]
-fn signing_identity(identity: &str, public_key: &[u8]) -> PyResult<Vec<u8>> {
-    engine::encode_signing_identity(identity, public_key).map_err(to_py_err)
-}
-
 /// Routing facts of an MLS message (wire format, content type, group id, epoch, sender),
 /// without any group state.
 #[pyfunction]
-fn message_info(message: &[u8]) -> PyResult<MessageInfo> {
-    let info = engine::message_info(message).map_err(to_py_err)?;
+fn message_info(py: Python<'_>, message: &[u8]) -> PyResult<MessageInfo> {
+    let info = run(py, || engine::message_info(message))?;
     Ok(MessageInfo {
         wire_format: info.wire_format,
         content_type: info.content_type,
@@ -830,7 +823,6 @@ fn _mls(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OtherMessage>()?;
     m.add_class::<MessageInfo>()?;
     m.add_class::<KeyPackageInfo>()?;
-    m.add_function(wrap_pyfunction!(signing_identity, m)?)?;
     m.add_function(wrap_pyfunction!(message_info, m)?)?;
     Ok(())
 }
