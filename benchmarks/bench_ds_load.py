@@ -33,10 +33,9 @@ import urllib.request
 from pathlib import Path
 
 from common import markdown_table, percentile, write_result
+from ds_rooms import BenchRoom, Member
 
-from mls_provider import mls
 from mls_provider.testing.ds_process import DeliveryServiceProcess
-from mls_provider.transport import DeliveryClient, EpochConflict
 
 API_KEY = "bench-key"
 
@@ -53,115 +52,6 @@ def metric(ds: DeliveryServiceProcess, name: str) -> float:
         text = response.read().decode()
     match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
-
-
-class Member:
-    def __init__(self, identity: str, room: str, ds: DeliveryServiceProcess, secret: str) -> None:
-        token = ds.token(identity, room)
-        self.identity = identity
-        self.client = DeliveryClient(ds.target, token)
-        self.mls = mls.MlsClient(identity, mls.SignatureKeyPair.generate())
-        self.group: mls.Group | None = None
-        self.cursor = 0
-        self.events: asyncio.Queue[object] = asyncio.Queue()
-
-
-class BenchRoom:
-    """One room driven step by step: create, join the others, then commit in a loop."""
-
-    def __init__(self, name: str, members: list[Member]) -> None:
-        self.name = name
-        self.members = members
-        self.latencies: list[float] = []
-        self.accepted = 0
-        self._delivered: dict[int, list[float]] = {}
-
-    async def _follow(self, member: Member) -> None:
-        async for event in member.client.subscribe(member.cursor):
-            member.cursor = event.seq
-            await self._handle(member, event)
-
-    async def _handle(self, member: Member, event: object) -> None:
-        from delivery_service.proto import delivery_pb2 as pb
-
-        assert isinstance(event, pb.RoomEvent)
-        kind = event.WhichOneof("event")
-        if kind == "create_group" and event.create_group.creator == member.identity:
-            member.group = member.mls.create_group(
-                event.create_group.group_id, [event.create_group.config.ds_signing_identity]
-            )
-            await member.client.create_group(event.generation, member.group.group_info())
-        elif kind == "welcome" and member.group is None:
-            member.group = member.mls.join_group(event.welcome.message)
-            await member.client.ready(member.group.epoch)
-        elif member.group is None:
-            return
-        elif kind == "proposal" and event.proposal.epoch == member.group.epoch:
-            member.group.process_message(event.proposal.message)
-        elif kind == "commit_request" and event.commit_request.committer in (member.identity, ""):
-            if event.commit_request.epoch == member.group.epoch:
-                out = member.group.commit()
-                try:
-                    await member.client.submit_commit(
-                        member.group.epoch, out.commit, out.welcome or b"", out.group_info or b""
-                    )
-                except EpochConflict:
-                    member.group.discard_pending_commit()
-        elif kind == "commit" and event.commit.epoch == member.group.epoch:
-            member.group.process_message(event.commit.message)
-            self._delivered.setdefault(member.group.epoch, []).append(time.monotonic())
-            await member.client.ready(member.group.epoch)
-        await member.events.put(event)
-
-    async def start(self) -> list[asyncio.Task[None]]:
-        tasks = []
-        for member in self.members:
-            response = await member.client.join(member.mls.generate_key_package())
-            member.cursor = response.cursor
-            tasks.append(asyncio.create_task(self._follow(member)))
-        return tasks
-
-    async def ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            groups = [m.group for m in self.members]
-            if all(g is not None for g in groups):
-                epochs = {g.epoch for g in groups if g is not None}
-                if len(epochs) == 1 and all(
-                    g.member_count == len(self.members) for g in groups if g
-                ):
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"room {self.name} did not form")
-            await asyncio.sleep(0.05)
-
-    async def run(self, stop: asyncio.Event, think: float, rng: random.Random) -> None:
-        """The first member commits; the rest receive. Repeats until ``stop``."""
-        committer = self.members[0]
-        if think:  # spread the rooms' first commits over one think time
-            await asyncio.sleep(rng.uniform(0, think))
-        while not stop.is_set():
-            group = committer.group
-            assert group is not None
-            epoch = group.epoch
-            out = group.commit()
-            sent = time.monotonic()
-            try:
-                await committer.client.submit_commit(epoch, out.commit, b"", out.group_info or b"")
-            except EpochConflict:  # the previous transition is still executing
-                group.discard_pending_commit()
-                await asyncio.sleep(0.005)
-                continue
-            self.accepted += 1
-            new_epoch = epoch + 1
-            # polling: no extra task or event on the measured path
-            while len(self._delivered.get(new_epoch, [])) < len(self.members):  # noqa: ASYNC110
-                await asyncio.sleep(0.001)
-            others = self._delivered[new_epoch][1:] or self._delivered[new_epoch]
-            self.latencies.append((max(others) - sent) * 1000)
-            del self._delivered[new_epoch]
-            if think:
-                await asyncio.sleep(rng.uniform(0.5, 1.5) * think)
 
 
 async def main() -> None:
@@ -192,7 +82,10 @@ async def main() -> None:
             rooms = [
                 BenchRoom(
                     f"room{r}",
-                    [Member(f"m{i}", f"room{r}", ds, secret) for i in range(args.members)],
+                    [
+                        Member(f"m{i}", ds.target, ds.token(f"m{i}", f"room{r}"))
+                        for i in range(args.members)
+                    ],
                 )
                 for r in range(args.rooms)
             ]
@@ -203,7 +96,7 @@ async def main() -> None:
                 batch = rooms[chunk : chunk + 50]
                 for started in await asyncio.gather(*(r.start() for r in batch)):
                     tasks += started
-                await asyncio.gather(*(r.ready() for r in batch))
+                await asyncio.gather(*(r.formed() for r in batch))
             setup = time.monotonic() - t0
             idle_rss = rss_mib(ds.pid)
             print(

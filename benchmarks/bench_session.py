@@ -147,6 +147,8 @@ async def measure(members: int, samples: int, wave: int) -> dict[str, list[float
                     *(room.add(f"m{i}") for i in range(start, min(start + wave, members)))
                 )
                 await room.converged()
+            for samples_of_kind in PROCESSING_MS.values():
+                samples_of_kind.clear()  # this size's samples only, not the room's build-up
             result: dict[str, list[float]] = {
                 "join_ms": [],
                 "exposure_ms": [],

@@ -116,17 +116,27 @@ async def test_keys_and_data_index_follow_prepare_then_execute(room: Room) -> No
         assert s.sender_index == index
         assert s.latest_key_index == index  # data packets use the send index
         for identity in room.sessions:
-            assert s.key(identity, index) == room.sessions["alice"].sink.key(identity, index)  # type: ignore[attr-defined]
+            key = s.key(identity, index)
+            assert key is not None and len(key) == 32
+            assert key == sink(room.sessions["alice"]).key(identity, index)
 
-    # between prepare and execute: bob holds carol's new key, but sends (and pins data) old
-    seen: list[tuple[int | None, int | None]] = []
+    # between prepare and execute: alice holds carol's new key, but sends (and pins data) old
+    seen: list[tuple[int | None, int | None, bool]] = []
     alice.on(
         "epoch_changed",
-        lambda info: seen.append((sink(alice).sender_index, sink(alice).latest_key_index)),
+        lambda info: seen.append(
+            (
+                sink(alice).sender_index,
+                sink(alice).latest_key_index,
+                sink(alice).key("carol", info.key_index) is not None,
+            )
+        ),
     )
     await room.join("carol")
     new_epoch = await room.converged()
-    assert seen and seen[0] == (index, index), "prepare must not move the send or data index"
+    assert seen and seen[0] == (index, index, True), (
+        "prepare installs the new keys and must not move the send or data index"
+    )
     assert sink(alice).sender_index == new_epoch % 16 == sink(alice).latest_key_index
 
 

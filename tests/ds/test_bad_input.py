@@ -86,20 +86,15 @@ OK, INVALID, PRECONDITION, DENIED = (
     Code.PERMISSION_DENIED,
 )
 NOT_FOUND, EXHAUSTED, UNAUTH = Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED, Code.UNAUTHENTICATED
-DOCUMENTED = {INVALID, PRECONDITION, DENIED, NOT_FOUND, EXHAUSTED, UNAUTH, Code.OUT_OF_RANGE}
 Metadata = tuple[tuple[str, str], ...]
 
 
 def text_limit(text: str, refusals: set[grpc.StatusCode]) -> frozenset[grpc.StatusCode]:
-    """Statuses for a string field under the ``reason`` limit: RESOURCE_EXHAUSTED above it,
-    else OK or ``refusals``. The limit is documented in bytes but the DS counts characters
-    (see test_string_limits_count_bytes), so between the two either answer is taken here."""
-    if len(text) > LIMITS.reason:
-        return frozenset({EXHAUSTED})
-    fine = refusals or {OK}
+    """Statuses for a string field under the ``reason`` limit (in UTF-8 bytes):
+    RESOURCE_EXHAUSTED above it, else OK or ``refusals``."""
     if len(text.encode()) > LIMITS.reason:
-        return frozenset(fine | {EXHAUSTED})
-    return frozenset(fine)
+        return frozenset({EXHAUSTED})
+    return frozenset(refusals or {OK})
 
 
 @dataclass

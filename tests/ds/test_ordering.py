@@ -346,9 +346,10 @@ async def test_adds_wait_while_a_commit_is_requested(env: Env) -> None:
     """While a commit is requested, a new join's Add is held back (so the requested commit
     cannot be outrun by a stream of joins) and proposed for the next epoch."""
     alice, _bob = await env.grow("alice", "bob")
+    head = await env.head()
     await env.join("dave")
-    requests = [e for e in await env.events() if e.HasField("commit_request")]
-    assert requests, "dave's Add must have led to a commit request"
+    requests = [e.commit_request for e in await env.events(head) if e.HasField("commit_request")]
+    assert [r.committer for r in requests] == ["alice"], "dave's Add must lead to one request"
     await env.join("erin")  # arrives while the request is outstanding
     adds = [e.proposal.target_identity for e in await env.events() if e.HasField("proposal")]
     assert "erin" not in adds, "erin's Add must wait for the next epoch"

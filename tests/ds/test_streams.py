@@ -113,7 +113,6 @@ async def test_resume_from_any_cursor_gets_exactly_the_entries_after_it(
                 continue
             got = await read_until(bob.subscribe(after), head)
             assert got == expected, f"after={after}"
-        assert any(after + 1 in welcome_seqs for after in range(head))
 
         # cut after 7 events, resume from the last seq while new events are being made
         first = cast(AsyncGenerator[pb.RoomEvent, None], bob.subscribe(0))

@@ -210,6 +210,7 @@ async def test_leave_in_the_same_second_as_the_join_removes_the_member(
     assert math.floor(joined) == webhook_created_at(body), "the test missed its second"
     status, answer = await post(ds, body, signature(body))
     assert (status, answer) == (200, {"status": "removed"})
+    assert "bob" not in (await manager_of(ds).room_state(ROOM)).participants
 
 
 def webhook_created_at(body: str) -> int:

@@ -96,7 +96,8 @@ async def test_no_glitch_while_others_join_and_leave(participants: ParticipantFa
     REPORT.write_text(json.dumps(result, indent=2) + "\n")
     print("\nglitch count:", json.dumps(result))
     assert rotations >= CHURNERS, result
-    assert result["decoded_10ms_frames"]["alice<-bob"] > 0.8 * (end - start) * 100, result
+    for direction, frames in result["decoded_10ms_frames"].items():
+        assert frames > 0.8 * (end - start) * 100, (direction, result)
     assert result["decrypt_failure_events"] == {"alice<-bob": 0, "bob<-alice": 0}, result
     for direction, quiet in result["quiet_10ms_frames"].items():
         assert quiet <= baseline[direction] + NOISE_ALLOWANCE, result

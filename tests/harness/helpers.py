@@ -36,7 +36,9 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def survivors(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The processes a run reported starting that are still alive."""
+    """The processes a run reported starting that are still alive (a report listing none
+    would make "no survivors" prove nothing)."""
+    assert report["processes"], "the report lists no processes"
     return [p for p in report["processes"] if p["pid"] is not None and alive(p["pid"])]
 
 

@@ -5,6 +5,7 @@ timed rotations, and no decrypt failure; nothing the runner started may survive 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,8 @@ async def test_livekit_room_with_a_leave_and_a_kill(tmp_path: Path) -> None:
     assert all(e["executed_at"] is not None for e in people["alice"]["epochs"])
 
     # the report and the plot are written; nothing the run started survives it
-    assert write_report(report, tmp_path / "r.json").stat().st_size > 0
+    written = json.loads(write_report(report, tmp_path / "r.json").read_text())
+    assert written == json.loads(json.dumps(data))  # the whole report, JSON-normalized
     assert plot_report(report, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     roles = {p["role"] for p in data["processes"]}
     assert roles == {"livekit-server", "delivery-service", "participant"}
@@ -135,6 +137,6 @@ async def test_headless_room_of_twenty(tmp_path: Path) -> None:
 
     # the live view showed each rotation and a table of the members
     text = out.getvalue()
-    assert "epoch 0 <- join m00" in text or "<- join m00" in text
+    assert "<- join m00" in text
     assert f"epoch {kill['epoch']} <- kill m07" in text
     assert "verification code" in text and "late" in text

@@ -73,6 +73,8 @@ async def test_a_leave_through_a_process_that_missed_a_write_without_log_entries
     await a.join(ROOM, "alice", key_package("alice")[1])
     await until(lambda: ROOM in b._rooms)  # B followed the create_group entry
     await a.join(ROOM, "bob", key_package("bob")[1])
+    joined = await a.store.load(ROOM)
+    assert joined is not None and "bob" in joined.participants
     await asyncio.sleep(0.3)  # whatever B could hear about it
     assert await b.leave(ROOM, "bob") is True
     stored = await b.store.load(ROOM)
