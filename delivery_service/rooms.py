@@ -59,6 +59,8 @@ class RoomManager:
         self.hub = hub
         self.metrics = metrics
         self.clock = clock
+        self.tick_retry = 1.0  # seconds before a failed deadline tick is tried again
+        self._stopped = False
         self._rooms: dict[str, CachedRoom] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -80,6 +82,7 @@ class RoomManager:
             self._watcher = asyncio.create_task(self._follow(changes))
 
     async def stop(self) -> None:
+        self._stopped = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -227,9 +230,11 @@ class RoomManager:
                 self.metrics.transitions.labels("deadline").inc()
         except Exception:
             log.exception("deadline handling failed for room %r", room)
-            cached = self._rooms.get(room)
-            if cached is not None:
-                self._schedule(room, cached.state)
+            if not self._stopped:
+                # the failed transaction dropped the room from the cache: try again rather
+                # than leave its deadlines waiting for the next client request
+                loop = asyncio.get_running_loop()
+                self._timers[room] = loop.call_later(self.tick_retry, self._spawn_tick, room)
 
     # ---- requests ------------------------------------------------------------------
 
@@ -308,7 +313,7 @@ class RoomManager:
         try:
             start = await self.store.log_start(room)
             head = (await self._load(room)).state.head
-            if after > head:  # our cached record may lag another process: look again
+            if after > head and self.store.shared:  # our cache may lag another process
                 self._forget(room)
                 head = (await self._load(room)).state.head
             if after > head:

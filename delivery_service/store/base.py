@@ -21,6 +21,9 @@ class Store(abc.ABC):
     interprets the record; the ordering logic does.
     """
 
+    # True if several DS processes write this store, so a process's cache may lag it
+    shared = False
+
     def __init__(self, log_retention: int = DEFAULT_LOG_RETENTION) -> None:
         self.log_retention = log_retention
 

@@ -241,6 +241,8 @@ class _Feed:
 class RedisStore(Store):
     """Rooms on one Redis primary (standalone or Sentinel); see the module docstring."""
 
+    shared = True
+
     def __init__(
         self,
         url: str,

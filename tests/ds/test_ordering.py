@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ from delivery_service.settings import DS_IDENTITY
 from delivery_service.store import MemoryStore
 from mls_provider import mls
 
-from .conftest import room_snapshot
+from .conftest import room_snapshot, wait_until
 from .members import ManagerTransport, Member
 
 ROOM = "unit-room"
@@ -659,3 +660,34 @@ async def test_a_group_info_of_another_epoch_or_commit_is_rejected(env: Env) -> 
     response = await env.manager.submit_commit(ROOM, "alice", _request(epoch, genuine))
     assert response.epoch == epoch + 1
     assert (await env.state()).group_info == genuine.group_info
+
+
+async def test_a_deadline_tick_that_fails_is_tried_again() -> None:
+    """A store failure during a deadline tick (here: requesting the batched commit for a
+    join) does not leave the room waiting for the next client request: the tick is tried
+    again and the commit is requested."""
+    config = replace(CONFIG, batch_quiet=0.035, batch_max_wait=0.5)
+    async with make_env(config) as env:
+        await env.grow("alice")
+        env.manager.tick_retry = 0.2
+        failures = 1
+        save = env.store.save
+
+        async def failing_save(*args: Any, **kwargs: Any) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise OSError("disk unavailable")
+            await save(*args, **kwargs)
+
+        head = await env.head()
+        await env.join("bob")  # the commit for bob's Add is due 35 ms from now
+        env.store.save = failing_save  # type: ignore[method-assign]
+        env.clock.now += 0.05  # the timer fires in real time; by then the batch is due
+        await wait_until(lambda: failures == 0, timeout=5, what="the tick's save fails")
+        assert not any(e.HasField("commit_request") for e in await env.events(head))
+        await asyncio.sleep(0.5)
+        requests = [
+            e.commit_request for e in await env.events(head) if e.HasField("commit_request")
+        ]
+        assert [r.committer for r in requests] == ["alice"]

@@ -84,6 +84,8 @@ async def test_no_accepted_commit_is_lost_across_a_redis_kill_and_restart(
     assert any(t < killed_at for t in accepted_at.values()), "nothing accepted before the kill"
     assert any(t > restarted_at for t in accepted_at.values()), "nothing accepted after restart"
     assert all(isinstance(f, tp.DeliveryServiceError) for f in failures), failures
+    if outage < 2.5:  # within the retry budget: only the race's ordinary losers
+        assert all(isinstance(f, tp.EpochConflict) for f in failures), failures
     print(f"{len(accepted_at)} commits acknowledged, failures: {failures}")
 
     commits = await logged_commits(store, "persist")
