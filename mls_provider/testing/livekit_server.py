@@ -9,56 +9,39 @@ docs/livekit-e2e-notes.md for the network details).
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import contextlib
 import datetime
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
+from mls_provider.testing._process import (
+    HOST,
+    NO_PROXY_OPENER,
+    ServerProcess,
+    free_port,
+    pdeathsig_prefix,
+)
 from mls_provider.testing.tokens import join_token
 
 __all__ = [
     "LiveKitServer",
     "LiveKitServerError",
     "find_livekit_server_binary",
-    "pdeathsig_prefix",
 ]
 
 LIVEKIT_VERSION = "v1.13.5"
 BINARY_ENV_VAR = "LIVEKIT_MLS_LIVEKIT_SERVER"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_HOST = "127.0.0.1"
-# A bind race (port taken between our probe and the server's bind) is retried this often.
-_START_ATTEMPTS = 3
 _SERVER_FLAG_ENV = frozenset({"NODE_IP", "UDP_PORT"})
-# The readiness probe must never go through an http_proxy from the environment.
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-# Servers still running when the interpreter exits (e.g. a test run aborted by Ctrl-C).
-_live_servers: weakref.WeakSet[LiveKitServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all_servers() -> None:
-    for server in list(_live_servers):
-        server.stop()
 
 
 class LiveKitServerError(RuntimeError):
@@ -78,24 +61,15 @@ def find_livekit_server_binary() -> Path:
     return path
 
 
-def _free_port(kind: int) -> int:
-    """A currently free port of ``kind`` (SOCK_STREAM/SOCK_DGRAM) on all IPv4 interfaces.
-
-    Probed on the wildcard address because the server's ICE/TCP listener binds all
-    interfaces; the server may still lose a race for it, which ``start`` retries.
-    """
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _pick_ports() -> tuple[int, int, int]:
+    """HTTP, ICE/TCP and ICE/UDP ports, three distinct numbers. Probed on the wildcard
+    address: the ICE/TCP listener binds all interfaces (the server may still lose a race
+    for a port, which start() retries)."""
     while True:
         ports = (
-            _free_port(socket.SOCK_STREAM),
-            _free_port(socket.SOCK_STREAM),
-            _free_port(socket.SOCK_DGRAM),
+            free_port(socket.SOCK_STREAM, ""),
+            free_port(socket.SOCK_STREAM, ""),
+            free_port(socket.SOCK_DGRAM, ""),
         )
         if len(set(ports)) == 3:
             return ports
@@ -114,15 +88,7 @@ def _server_env() -> dict[str, str]:
     }
 
 
-def pdeathsig_prefix(signal_name: str = "TERM") -> list[str]:
-    """``setpriv --pdeathsig <signal_name> --`` (Linux; elsewhere nothing) to put before a
-    command: the child gets that signal when the thread that spawned it ends, even if this
-    process is killed. The server uses TERM; test participants use KILL."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", signal_name, "--"] if setpriv else []
-
-
-class LiveKitServer:
+class LiveKitServer(ServerProcess):
     """A ``livekit-server --dev`` subprocess bound to loopback with its own key and ports.
 
     Use as ``with LiveKitServer() as srv:`` or ``async with LiveKitServer() as srv:``, or call
@@ -130,6 +96,10 @@ class LiveKitServer:
     at interpreter exit. On Linux the server also gets SIGTERM when the *thread* that started
     it exits (``setpriv --pdeathsig``), so start it from a long-lived thread (main/event loop).
     """
+
+    name = "livekit-server"
+    error = LiveKitServerError
+    stop_timeout = 5.0
 
     def __init__(
         self,
@@ -147,18 +117,16 @@ class LiveKitServer:
         is created at start and removed by ``stop()``. ``webhook_urls`` are signed with
         ``api_key``/``api_secret``. ``log_level="debug"`` gives pion/ICE details.
         """
+        super().__init__(startup_timeout)
         self.api_key = api_key
         # >= 32 bytes: shorter HS256 secrets make PyJWT warn (an error under `-W error`).
         self.api_secret = secrets.token_urlsafe(48)
         self.webhook_urls = list(webhook_urls)
-        self.startup_timeout = startup_timeout
         self.log_level = log_level
         self._binary = Path(binary) if binary is not None else None
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self._workdir: Path | None = None
         self._owns_workdir = False
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
         self.port = 0
         self.rtc_tcp_port = 0
         self.rtc_udp_port = 0
@@ -172,12 +140,12 @@ class LiveKitServer:
     @property
     def url(self) -> str:
         """WebSocket URL for ``rtc.Room.connect``."""
-        return f"ws://{_HOST}:{self.port}"
+        return f"ws://{HOST}:{self.port}"
 
     @property
     def http_url(self) -> str:
         """HTTP URL (Twirp API for ``livekit.api.LiveKitAPI``, health check on ``/``)."""
-        return f"http://{_HOST}:{self.port}"
+        return f"http://{HOST}:{self.port}"
 
     @property
     def workdir(self) -> Path:
@@ -192,22 +160,6 @@ class LiveKitServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "livekit-server.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the server log (for error messages)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, LiveKitServerError):
-            return "<no log>"
-        return "\n".join(text.splitlines()[-lines:])
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -240,13 +192,13 @@ class LiveKitServer:
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "port": self.port,
-            "bind_addresses": [_HOST],
+            "bind_addresses": [HOST],
             "keys": {self.api_key: self.api_secret},
             "logging": {"level": self.log_level},
             "rtc": {
                 "tcp_port": self.rtc_tcp_port,
                 "udp_port": self.rtc_udp_port,
-                "node_ip": _HOST,
+                "node_ip": HOST,
                 "use_external_ip": False,
                 # Without these two the UDP mux binds only the host's non-loopback addresses
                 # while the IPv4 candidate advertised is 127.0.0.1 (nothing listens there), so
@@ -279,155 +231,41 @@ class LiveKitServer:
             str(binary),
             "--dev",
             "--bind",
-            _HOST,
+            HOST,
             "--node-ip",
-            _HOST,
+            HOST,
             "--config",
             str(self.config_path),
         ]
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._log_file.write(f"### {' '.join(cmd)}\n".encode())
-        self._log_file.flush()
-        self._proc = subprocess.Popen(
+        with open(self.log_path, "a") as log:
+            log.write(f"### {' '.join(cmd)}\n")
+        self._popen(
             cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
             env=_server_env(),
             start_new_session=True,  # Ctrl-C in the terminal must not reach it before stop()
         )
-        _live_servers.add(self)
 
     def _probe(self) -> bool:
         """True once the HTTP port answers (the server's health check is ``GET /``)."""
         try:
-            with _NO_PROXY_OPENER.open(self.http_url + "/", timeout=0.5) as resp:
+            with NO_PROXY_OPENER.open(self.http_url + "/", timeout=0.5) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 
-    def _startup_failure(self) -> tuple[bool, str] | None:
-        """None while starting normally; else (retryable, message) once the process exited."""
-        assert self._proc is not None
-        code = self._proc.poll()
-        if code is None:
-            return None
-        tail = self.log_tail()
-        retry = "address already in use" in tail
-        self._reap()
-        return retry, (
-            f"livekit-server exited with code {code} during startup; "
-            f"log ({self.log_path}) tail:\n{tail}"
-        )
-
-    def _timeout_message(self) -> str:
-        return (
-            f"livekit-server did not answer on {self.http_url} within "
-            f"{self.startup_timeout:.0f} s; log ({self.log_path}) tail:\n{self.log_tail()}"
-        )
-
-    def start(self) -> LiveKitServer:
-        """Start the server and block until it answers HTTP (raises LiveKitServerError)."""
-        if self.running:
-            return self
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self._spawn()
-            deadline = time.monotonic() + self.startup_timeout
-            while True:
-                failure = self._startup_failure()
-                if failure is not None:
-                    retry, message = failure
-                    if retry and attempt < _START_ATTEMPTS:
-                        break
-                    self._abort_start()
-                    raise LiveKitServerError(message)
-                if self._probe():
-                    return self
-                if time.monotonic() > deadline:
-                    message = self._timeout_message()
-                    self._abort_start()
-                    raise LiveKitServerError(message)
-                time.sleep(0.05)
-        raise AssertionError("unreachable")
-
-    async def astart(self) -> LiveKitServer:
-        """Async ``start``: the process is spawned from the calling (event-loop) thread."""
-        if self.running:
-            return self
-        loop = asyncio.get_running_loop()
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self._spawn()
-            deadline = loop.time() + self.startup_timeout
-            while True:
-                failure = self._startup_failure()
-                if failure is not None:
-                    retry, message = failure
-                    if retry and attempt < _START_ATTEMPTS:
-                        break
-                    self._abort_start()
-                    raise LiveKitServerError(message)
-                if await asyncio.to_thread(self._probe):
-                    return self
-                if loop.time() > deadline:
-                    message = self._timeout_message()
-                    self._abort_start()
-                    raise LiveKitServerError(message)
-                await asyncio.sleep(0.05)
-        raise AssertionError("unreachable")
+    def _bind_race(self, log_tail: str) -> bool:
+        return "address already in use" in log_tail
 
     def _abort_start(self) -> None:
         """Kill a server that failed to start; its work dir (config, log) is kept for debugging."""
         self._owns_workdir = False
         self._reap()
 
-    def _reap(self, timeout: float = 5.0) -> None:
-        """Terminate (SIGTERM, then SIGKILL after ``timeout``) and wait for the process."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait()
-            _live_servers.discard(self)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server; removes the work dir only if it was a temp dir created by us."""
-        self._reap(timeout)
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stops the server; removes the work dir only if it was a temp dir created by us."""
+        code = self._reap(timeout=timeout)
         if self._owns_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
             self._owns_workdir = False
-
-    async def astop(self, timeout: float = 5.0) -> None:
-        """Async ``stop`` (the wait for the process runs in a worker thread)."""
-        await asyncio.to_thread(self.stop, timeout)
-
-    def __enter__(self) -> LiveKitServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> LiveKitServer:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
+        return code

@@ -30,6 +30,7 @@ from mls_provider.e2ee import MlsE2EE, encryption_options
 from mls_provider.events import Callback
 from mls_provider.keys import DEFAULT_RING_SIZE, key_index
 from mls_provider.session import EpochInfo
+from mls_provider.testing._process import pdeathsig_prefix
 from mls_provider.testing.audio import (
     SAMPLE_RATE,
     TonePublisher,
@@ -40,7 +41,6 @@ from mls_provider.testing.audio import (
     wait_for_no_tone,
     wait_for_tone,
 )
-from mls_provider.testing.livekit_server import pdeathsig_prefix
 from mls_provider.testing.members import SESSION_EVENTS
 
 
