@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import IO, Any
 
 from rich import box
@@ -31,9 +30,10 @@ from mls_provider.testing.harness_cli import (
     hears_matrix_lines,
     hears_table,
     make_view,
+    output_files,
 )
 from mls_provider.testing.livekit_server import LiveKitServerError, find_livekit_server_binary
-from mls_provider.testing.report import format_ms, plot_report, write_report
+from mls_provider.testing.report import format_ms
 from mls_provider.testing.runner import Interrupted, run_scenario
 from mls_provider.testing.scenario import Scenario, Step
 
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_scenario(demo_scenario(fast), observer=view, workdir=args.workdir)
     except Interrupted as e:
-        view.close()
+        view.close()  # before the message (closing again in finally does nothing)
         print(
             "\ninterrupted: livekit-server, the delivery service and every participant "
             "were stopped",
@@ -228,12 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         view.close()
     print_summary(report.to_dict(), out, rich_output=rich_output)
-    if args.report:
-        print(f"report: {write_report(report, args.report)}", file=out)
-    if args.plot:
-        print(f"plot: {plot_report(report, args.plot)}", file=out)
-    if not report.passed and Path(report.workdir).exists():
-        print(f"logs: {report.workdir}", file=out)
+    for line in output_files(report, args.report, args.plot):
+        print(line, file=out)
     return 0 if report.passed else 1
 
 

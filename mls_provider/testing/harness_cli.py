@@ -504,18 +504,29 @@ def execute(
     finally:
         view.close()
     if report is not None:
-        path = write_report(report, report_path or default_report_path(scenario))
-        lines = [verdict(report), f"report: {path}"]
-        if plot_path is not None:
-            try:
-                lines.append(f"plot: {plot_report(report, plot_path)}")
-            except ImportError:
-                lines.append("plot: matplotlib is missing (pip install 'livekit-mls[plot]')")
-        if not report.passed and not report.interrupted and Path(report.workdir).exists():
-            lines.append(f"logs: {report.workdir}")
+        lines = [verdict(report)]
+        lines += output_files(report, report_path or default_report_path(scenario), plot_path)
         for line in lines:
             print(line, file=out, flush=True)
     return status, report
+
+
+def output_files(
+    report: RunReport, report_path: str | Path | None, plot_path: str | Path | None
+) -> list[str]:
+    """Writes the JSON report and the PNG plot where asked; the lines that say where they
+    are (and where the logs of a failed run are)."""
+    lines = []
+    if report_path is not None:
+        lines.append(f"report: {write_report(report, report_path)}")
+    if plot_path is not None:
+        try:
+            lines.append(f"plot: {plot_report(report, plot_path)}")
+        except ImportError:
+            lines.append("plot: matplotlib is missing (pip install 'livekit-mls[plot]')")
+    if not report.passed and not report.interrupted and Path(report.workdir).exists():
+        lines.append(f"logs: {report.workdir}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

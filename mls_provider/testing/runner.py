@@ -680,9 +680,14 @@ class ScenarioRunner:
 
     # ---- the report -----------------------------------------------------------------------
 
-    def failures_after_events(self) -> list[int]:
-        """Counted decrypt failures per event: those after it, before the next event."""
-        times = sorted(t for m in self.instances for t, _, _ in self.counted_failures(m))
+    def failures_after_events(
+        self, counted: list[list[tuple[float, str, int]]] | None = None
+    ) -> list[int]:
+        """Counted decrypt failures per event: those after it, before the next event.
+        ``counted``: every instance's ``counted_failures``, if already at hand."""
+        if counted is None:
+            counted = [self.counted_failures(m) for m in self.instances]
+        times = sorted(t for failures in counted for t, _, _ in failures)
         starts = [e.requested_at for e in self.events]
         counts = [0] * len(starts)
         for t in times:
@@ -694,7 +699,8 @@ class ScenarioRunner:
     def _report(self) -> RunReport:
         t0 = self.t0
         events = []
-        per_event = self.failures_after_events()
+        counted_by_instance = [self.counted_failures(m) for m in self.instances]
+        per_event = self.failures_after_events(counted_by_instance)
         for e, failures_after in zip(self.events, per_event, strict=True):
             events.append(
                 {
@@ -716,8 +722,7 @@ class ScenarioRunner:
                 }
             )
         participants = []
-        for m in self.instances:
-            counted = self.counted_failures(m)
+        for m, counted in zip(self.instances, counted_by_instance, strict=True):
             participants.append(
                 {
                     "identity": m.identity,
@@ -758,7 +763,7 @@ class ScenarioRunner:
         for m in self.instances:
             if m.kind == "livekit-process":
                 processes.append({"role": "participant", "identity": m.identity, "pid": m.pid})
-        failures = self.decrypt_failures()
+        failures = sum(len(c) for c in counted_by_instance)
         checks = [c.to_dict(t0) for c in self.checks]
         passed = (
             not self.interrupted
