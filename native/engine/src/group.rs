@@ -10,7 +10,7 @@ use crate::client::parse_message;
 use crate::config::{identity_of, ClientConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::{
-    commit_applied, proposal_received, CommitApplied, Member, Received, RosterView,
+    commit_applied, members_of, proposal_received, CommitApplied, Member, Received, RosterView,
 };
 
 /// Magic prefix of `Group::to_bytes` blobs, versioned.
@@ -124,11 +124,7 @@ impl Group {
     }
 
     pub fn members(&self) -> Result<Vec<Member>> {
-        self.inner
-            .roster()
-            .members_iter()
-            .map(|m| Member::from_mls(&m))
-            .collect()
+        members_of(self.inner.roster())
     }
 
     pub fn member_count(&self) -> usize {
@@ -143,10 +139,7 @@ impl Group {
     }
 
     pub fn member_at(&self, leaf_index: u32) -> Result<Option<Member>> {
-        self.inner
-            .member_at_index(leaf_index)
-            .map(|m| Member::from_mls(&m))
-            .transpose()
+        self.inner.member_info(leaf_index)
     }
 
     /// The external senders (identity, signature key) the group context allows.

@@ -12,7 +12,7 @@ use mls_rs::MlsMessage;
 use crate::client::{encode_signing_identity, parse_message, suite_provider, SignatureKeyPair};
 use crate::config::{self, identity_of, ObserverConfig, Utf8IdentityProvider};
 use crate::error::{Error, Result};
-use crate::types::{commit_applied, proposal_received, Member, Received, RosterView};
+use crate::types::{commit_applied, members_of, proposal_received, Member, Received, RosterView};
 
 /// What the observer learnt from a key package it validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,18 +133,11 @@ impl ObservedGroup {
     }
 
     pub fn members(&self) -> Result<Vec<Member>> {
-        self.inner
-            .roster()
-            .members_iter()
-            .map(|m| Member::from_mls(&m))
-            .collect()
+        members_of(self.inner.roster())
     }
 
     pub fn member_at(&self, leaf_index: u32) -> Result<Option<Member>> {
-        self.inner
-            .member_at(leaf_index)
-            .map(|m| Member::from_mls(&m))
-            .transpose()
+        self.inner.member_info(leaf_index)
     }
 
     pub fn member_index(&self, identity: &str) -> Option<u32> {

@@ -112,8 +112,24 @@ pub enum Received {
 /// Looks up members of a group state (a member's group or the observer's).
 pub(crate) trait RosterView {
     fn member_at(&self, leaf_index: u32) -> Option<mls_rs::group::Member>;
+
+    /// The member at `leaf_index`, if any, as the binding reports it.
+    fn member_info(&self, leaf_index: u32) -> Result<Option<Member>> {
+        self.member_at(leaf_index)
+            .map(|m| Member::from_mls(&m))
+            .transpose()
+    }
+
     /// Leaf of a signing identity, in O(1) thanks to mls-rs `tree_index`.
     fn leaf_of(&self, signing_identity: &SigningIdentity) -> Option<u32>;
+}
+
+/// Every member of a roster (leaf order).
+pub(crate) fn members_of(roster: mls_rs::group::Roster<'_>) -> Result<Vec<Member>> {
+    roster
+        .members_iter()
+        .map(|m| Member::from_mls(&m))
+        .collect()
 }
 
 pub(crate) fn proposal_received(
