@@ -155,7 +155,10 @@ def section_session(data: dict[str, Any]) -> str:
         "",
         "**Wall clock** — every member is a real client session in one process, so their "
         "processing is serialized on this machine's 2 cores (on real devices it runs in "
-        "parallel):",
+        "parallel). At N = 1000 that serial processing (~1000 x 5-8 ms) lands inside the "
+        "exposure window or before it, depending on whether the commit is accepted before "
+        "or after most members have worked through the Remove proposal: runs of the same "
+        "command have given exposure p99 from 0.35 s to 9.6 s there:",
         "",
         markdown_table(
             [

@@ -37,7 +37,7 @@ from delivery_service.settings import Settings
 from delivery_service.store import Store
 from mls_provider.testing.tokens import join_token
 
-from .members import GrpcMember
+from .members import GrpcMember, check_all, converged
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "lkmls-ds-test-key"
@@ -147,6 +147,21 @@ class MakeMember(Protocol):
     def __call__(
         self, server: DeliveryServer | str, identity: str, room: str, **kw: Any
     ) -> GrpcMember: ...
+
+
+async def joined_room(
+    ds: DeliveryServer | str, make_member: MakeMember, room: str, *names: str
+) -> list[GrpcMember]:
+    """Members ``names`` of ``room`` (the first creates the group), joined one after the
+    other, following their streams, converged on one epoch."""
+    members = [make_member(ds, name, room) for name in names]
+    for member in members:
+        await member.join()
+        member.start()
+    await wait_until(
+        lambda: converged(members), what=f"{names} in {room}", check=check_all(members)
+    )
+    return members
 
 
 @pytest.fixture

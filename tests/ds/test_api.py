@@ -26,6 +26,7 @@ from .conftest import (
     MakeMember,
     StartDs,
     bearer,
+    joined_room,
     manager_of,
     mint_token,
     raw_channel,
@@ -39,12 +40,7 @@ ROOM = "api-room"
 
 
 async def room_of(ds: DeliveryServer, make_member: MakeMember, *names: str) -> list[GrpcMember]:
-    members = [make_member(ds, name, ROOM) for name in names]
-    for member in members:
-        await member.join()
-        member.start()
-    await wait_until(lambda: converged(members), what=f"{names}", check=check_all(members))
-    return members
+    return await joined_room(ds, make_member, ROOM, *names)
 
 
 async def test_report_failure_removes_the_leaf_and_the_member_joins_again(

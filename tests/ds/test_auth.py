@@ -33,14 +33,14 @@ from .conftest import (
     WAIT,
     MakeMember,
     bearer,
+    joined_room,
     manager_of,
     mint_token,
     raw_channel,
     room_snapshot,
     target,
-    wait_until,
 )
-from .members import GrpcMember, check_all, converged
+from .members import GrpcMember, converged
 
 ROOM_A, ROOM_B = "room-a", "room-b"
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
@@ -194,12 +194,7 @@ async def expect_status(
 async def two_member_room(
     ds: DeliveryServer, make_member: MakeMember, room: str = ROOM_A
 ) -> list[GrpcMember]:
-    members = [make_member(ds, name, room) for name in ("alice", "bob")]
-    for member in members:
-        await member.join()
-        member.start()
-    await wait_until(lambda: converged(members), what="alice and bob", check=check_all(members))
-    return members
+    return await joined_room(ds, make_member, room, "alice", "bob")
 
 
 async def test_bad_credentials_are_refused_on_every_rpc(

@@ -29,6 +29,7 @@ from .conftest import (
     MakeMember,
     StartDs,
     bearer,
+    joined_room,
     mint_token,
     raw_channel,
     room_snapshot,
@@ -71,11 +72,7 @@ async def busy_room(
     server: DeliveryServer, make_member: MakeMember, commits: int
 ) -> list[GrpcMember]:
     """alice, bob, carol (then dave) converged after ``commits`` extra commits by alice."""
-    members = [make_member(server, name, ROOM) for name in ("alice", "bob", "carol")]
-    for member in members:
-        await member.join()
-        member.start()
-    await wait_until(lambda: converged(members), what="3 members", check=check_all(members))
+    members = await joined_room(server, make_member, ROOM, "alice", "bob", "carol")
     for _ in range(commits):
         epoch = members[0].require_group().epoch
         await members[0].commit()

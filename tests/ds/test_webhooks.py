@@ -31,6 +31,7 @@ from .conftest import (
     OTHER_SECRET,
     WAIT,
     MakeMember,
+    joined_room,
     manager_of,
     room_snapshot,
     wait_until,
@@ -71,12 +72,7 @@ async def post(
 
 
 async def three_members(ds: DeliveryServer, make_member: MakeMember) -> list[GrpcMember]:
-    members = [make_member(ds, name, ROOM) for name in ("alice", "bob", "carol")]
-    for member in members:
-        await member.join()
-        member.start()
-    await wait_until(lambda: converged(members), what="3 members", check=check_all(members))
-    return members
+    return await joined_room(ds, make_member, ROOM, "alice", "bob", "carol")
 
 
 async def after_join_second(ds: DeliveryServer, identity: str) -> None:
