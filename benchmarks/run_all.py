@@ -352,7 +352,10 @@ def section_glitches(data: dict[str, Any]) -> str:
         "on each side: E2EE state events MISSING_KEY / DECRYPTION_FAILED for the other, and "
         "10 ms frames of the other's tone decoding quieter than rms 0.05 (a gap), against a "
         "control window where the same participants join and leave LiveKit without MLS (no "
-        "rotation): what connection set-up alone costs the audio on this machine.\n\n"
+        "rotation): what connection set-up alone costs the audio on this machine. The "
+        "talkers queue 1 s of tone ahead of the encoder: they share the test process's event "
+        "loop with every churner, and with a 100 ms queue that loop's stalls (up to ~170 ms "
+        "while 12 sessions rotate at once) sent silence of the test's own making.\n\n"
         + table
         + f"\n\nTarget: 0 frames failing to decrypt — {status(failures == 0)}.\n"
     )

@@ -60,7 +60,12 @@ class DataMessage:
 
 class Participant:
     """One LiveKit participant. ``mls=False`` joins the LiveKit room without any MLS key
-    (with E2EE enabled but no keys, or with ``encrypted=False`` without E2EE at all)."""
+    (with E2EE enabled but no keys, or with ``encrypted=False`` without E2EE at all).
+
+    ``tone_buffer_ms`` is the audio queued ahead of the encoder: 100 ms keeps the tone's
+    latency low; a talker sharing its event loop with many other participants needs more,
+    or a stall of the loop longer than the buffer sends silence (a gap the test did make).
+    """
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class Participant:
         ds_target: str = "",
         ds_public_key: bytes | None = None,
         tone_hz: float | None = None,
+        tone_buffer_ms: int = 100,
         mls: bool = True,
         encrypted: bool = True,
         subscribe: bool = True,
@@ -81,6 +87,7 @@ class Participant:
         self.livekit_url = livekit_url
         self.token = token
         self.tone_hz = tone_hz
+        self.tone_buffer_ms = tone_buffer_ms
         self.mls = mls
         self.encrypted = encrypted
         self.ring_size = ring_size
@@ -130,7 +137,9 @@ class Participant:
             assert self.e2ee.session is not None
             await self.e2ee.session.wait_until(lambda s: s.executed_epoch >= 0, timeout)
         if self.tone_hz is not None:
-            self.publisher = TonePublisher(self.room, self.tone_hz)
+            self.publisher = TonePublisher(
+                self.room, self.tone_hz, queue_size_ms=self.tone_buffer_ms
+            )
             await self.publisher.start()
 
     async def leave(self, *, disconnect: bool = True) -> None:

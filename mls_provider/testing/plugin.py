@@ -72,6 +72,7 @@ class ParticipantFactory:
         identity: str,
         *,
         tone_hz: float | None = None,
+        tone_buffer_ms: int = 100,
         mls: bool = True,
         encrypted: bool = True,
         subscribe: bool = True,
@@ -79,7 +80,13 @@ class ParticipantFactory:
     ) -> Participant:
         """A connected participant; with ``mls`` it is in the group when this returns."""
         participant = self.new(
-            identity, tone_hz=tone_hz, mls=mls, encrypted=encrypted, subscribe=subscribe, room=room
+            identity,
+            tone_hz=tone_hz,
+            tone_buffer_ms=tone_buffer_ms,
+            mls=mls,
+            encrypted=encrypted,
+            subscribe=subscribe,
+            room=room,
         )
         await participant.join()
         return participant
@@ -89,6 +96,7 @@ class ParticipantFactory:
         identity: str,
         *,
         tone_hz: float | None = None,
+        tone_buffer_ms: int = 100,
         mls: bool = True,
         encrypted: bool = True,
         subscribe: bool = True,
@@ -103,6 +111,7 @@ class ParticipantFactory:
             ds_target=self.ds.target,
             ds_public_key=self.ds.public_key,
             tone_hz=tone_hz,
+            tone_buffer_ms=tone_buffer_ms,
             mls=mls,
             encrypted=encrypted,
             subscribe=subscribe,
