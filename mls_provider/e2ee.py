@@ -5,6 +5,8 @@ room = rtc.Room()
 await room.connect(lk_url, token, rtc.RoomOptions(encryption=e2ee.encryption_options()))
 await e2ee.attach(room)      # joins the room's MLS group; keys rotate from now on
 e2ee.on("epoch_changed", lambda info: print(info.epoch, info.verification_code))
+async with e2ee.sending_data():  # a rotation never leaves this send without a key
+    await room.local_participant.publish_data(b"hello")
 ...
 await e2ee.aclose()          # leaves the group (also done when the room disconnects)
 """
@@ -12,9 +14,10 @@ await e2ee.aclose()          # leaves the group (also done when the room disconn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -143,6 +146,21 @@ class MlsE2EE:
     @property
     def last_epoch(self) -> EpochInfo | None:
         return None if self.session is None else self.session.last_info
+
+    @contextlib.asynccontextmanager
+    async def sending_data(self) -> AsyncIterator[None]:
+        """Wrap each data send (``publish_data``, ``send_text``, ``perform_rpc``, a stream
+        writer's ``write``) in this. LiveKit encrypts data with the index of the last key
+        installed, whoever's it is; during a rotation's few milliseconds of key installs
+        that index can hold no key of ours, and an unwrapped send then fails with
+        ``PublishDataError`` ("no keys, or key_index out of range"). Inside this block key
+        installs wait until the send has been encrypted; a rotation waits for at most the
+        sends already in flight."""
+        if self.sink is None:
+            yield  # not attached: no keys rotate
+            return
+        async with self.sink.gate.sending():
+            yield
 
     def _spawn(self, factory: Callable[[], Any]) -> None:
         task = asyncio.ensure_future(factory())

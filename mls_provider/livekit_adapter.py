@@ -7,16 +7,62 @@ Facts it relies on (pinned by tests/e2e/test_livekit_smoke.py):
 * Only ``FrameCryptor.set_key_index`` on the *local* cryptors switches what we send, and
   every newly published track starts at index 0 — so the current index is re-applied
   whenever a local track is published.
+* Data packets are encrypted with our key at the index of the *last* ``set_key`` call, by
+  a task of the SDK's own runtime, after ``publish_data`` has handed the packet over. The
+  session pins that index back to our current key after installing a peer's next-epoch
+  key, but a packet encrypted between the two calls finds no key of ours at the peer's
+  index and ``publish_data`` fails. :class:`DataSendGate` keeps the two apart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from livekit import rtc
 
 log = logging.getLogger(__name__)
+
+
+class DataSendGate:
+    """Keeps key installation and data encryption apart.
+
+    Senders enter :meth:`sending` around a data call (e.g. ``publish_data``), which returns
+    once the SDK has encrypted and sent; the session awaits :meth:`quiesce` before a run of
+    ``set_key`` calls, which it then makes without awaiting. A waiting key update holds
+    new senders back, so a chatty app cannot delay a rotation for more than one send.
+    """
+
+    def __init__(self) -> None:
+        self._sending = 0
+        self._updates_waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def sending(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._updates_waiting == 0)
+            self._sending += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._sending -= 1
+                self._changed.notify_all()
+
+    async def quiesce(self) -> None:
+        """Returns when no send is in flight. The caller must not await before its
+        ``set_key`` calls: senders released here run only once it yields."""
+        async with self._changed:
+            self._updates_waiting += 1
+            try:
+                await self._changed.wait_for(lambda: self._sending == 0)
+            finally:
+                self._updates_waiting -= 1
+                self._changed.notify_all()
 
 
 class LiveKitKeySink:
@@ -33,6 +79,7 @@ class LiveKitKeySink:
         self._provider = provider
         self._manager = manager
         self.sender_index = 0
+        self.gate = DataSendGate()
         room.on("local_track_published", self._on_local_track_published)
 
     def set_key(self, identity: str, material: bytes, key_index: int) -> None:
@@ -41,6 +88,9 @@ class LiveKitKeySink:
     def set_sender_index(self, key_index: int) -> None:
         self.sender_index = key_index
         self._apply()
+
+    async def quiesce(self) -> None:
+        await self.gate.quiesce()
 
     def _apply(self, track_sid: str | None = None) -> None:
         for cryptor in self._manager.frame_cryptors():

@@ -245,7 +245,7 @@ class MlsSession(EventEmitter):
             elif kind == "commit":
                 return await self._on_commit(group, event.commit)
             elif kind == "execute":
-                self._on_execute(group, event.execute.epoch)
+                await self._on_execute(group, event.execute.epoch)
         except mls.MlsError as e:
             await self._report_and_rejoin(f"cannot process {kind} at seq {event.seq}: {e}")
             return True
@@ -270,6 +270,7 @@ class MlsSession(EventEmitter):
             await self._retry(lambda: self.ds.create_group(event.generation, group.group_info()))
         except EpochConflict:
             return False  # the DS gave up on us as creator; it will say what is next
+        await self.sink.quiesce()
         self.group = group
         self.generation = event.generation
         self._prepare(group, added=(), removed=())
@@ -283,6 +284,7 @@ class MlsSession(EventEmitter):
             return False
         group = self.client.join_group(event.welcome.message)
         self._check_external_sender(group, self.room_config)
+        await self.sink.quiesce()
         self.group = group
         self.generation = event.generation
         # a joiner has no previous epoch: it sends with the new key at once
@@ -333,6 +335,7 @@ class MlsSession(EventEmitter):
             return False  # applied already
         if commit.epoch > group.epoch:
             raise mls.EpochError(f"missed commits: at epoch {group.epoch}, got {commit.epoch}")
+        await self.sink.quiesce()
         applied = self._apply_commit(group, commit)
         if applied.self_removed:
             return await self._on_removed("removed from the group by a commit")
@@ -355,8 +358,11 @@ class MlsSession(EventEmitter):
         self._prepare(group, added=added, removed=tuple(m.identity for m in applied.removed))
         return applied
 
-    def _on_execute(self, group: mls.Group, epoch: int) -> None:
+    async def _on_execute(self, group: mls.Group, epoch: int) -> None:
         if epoch == group.epoch and self.executed_epoch < epoch:
+            await self.sink.quiesce()
+            if self.group is not group or self.executed_epoch >= epoch:
+                return  # the group changed while we waited
             self._execute(group)
             self.emit("transition_executed", self.last_info)
 
@@ -416,6 +422,7 @@ class MlsSession(EventEmitter):
 
     async def _wipe_later(self, index: int, group: mls.Group) -> None:
         await asyncio.sleep(self.config.old_key_grace)
+        await self.sink.quiesce()
         live = {k.index for k in (self._own, self._next_own) if k is not None}
         if index in live or self.group is not group:
             return  # the slot holds a live epoch again (tiny rings) or we left the group

@@ -2,7 +2,8 @@
 
 The session decides *what* to install and *when*; a sink only performs it. The order of
 ``set_key`` calls is the session's business (LiveKit encrypts data packets with the index
-of the last ``set_key`` call, whatever its identity).
+of the last ``set_key`` call, whatever its identity). Before each run of ``set_key`` calls
+the session awaits :meth:`KeySink.quiesce`, then installs without awaiting in between.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ class KeySink(Protocol):
 
     def set_sender_index(self, key_index: int) -> None:
         """Makes every local sender (current and future tracks) encrypt with ``key_index``."""
+
+    async def quiesce(self) -> None:
+        """Returns when keys may change: nothing is being encrypted with the current ones
+        in a way a run of ``set_key`` calls could disturb."""
 
 
 class HeadlessKeySink:
@@ -39,6 +44,9 @@ class HeadlessKeySink:
     def set_sender_index(self, key_index: int) -> None:
         self.sender_index = key_index
         self.sender_switched_at = time.monotonic()
+
+    async def quiesce(self) -> None:
+        return  # nothing is sent
 
     def key(self, identity: str, key_index: int) -> bytes | None:
         return self.keys.get(identity, {}).get(key_index)

@@ -54,11 +54,13 @@ class Room:
         self.public_key = public_key
         self.sessions: dict[str, MlsSession] = {}
 
-    async def join(self, identity: str, **config: object) -> MlsSession:
+    async def join(
+        self, identity: str, key_sink: HeadlessKeySink | None = None, **config: object
+    ) -> MlsSession:
         session = MlsSession(
             DeliveryClient(self.target, token(identity)),
             identity,
-            HeadlessKeySink(),
+            key_sink or HeadlessKeySink(),
             SessionConfig(ds_public_key=self.public_key, retry_max=0.5, **config),  # type: ignore[arg-type]
         )
         await session.start()
@@ -138,6 +140,54 @@ async def test_keys_and_data_index_follow_prepare_then_execute(room: Room) -> No
         "prepare installs the new keys and must not move the send or data index"
     )
     assert sink(alice).sender_index == new_epoch % 16 == sink(alice).latest_key_index
+
+
+class QuiesceCheckingSink(HeadlessKeySink):
+    """Records key installs made outside a quiesce window: the window opens when quiesce
+    returns and closes at the loop's next turn, i.e. as soon as the session awaits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window_open = False
+        self.quiesced = 0
+        self.outside_window: list[tuple[str, int]] = []
+
+    async def quiesce(self) -> None:
+        await asyncio.sleep(0)  # a real gate may wait for sends in flight
+        self.quiesced += 1
+        self.window_open = True
+        asyncio.get_running_loop().call_soon(self._close)
+
+    def _close(self) -> None:
+        self.window_open = False
+
+    def set_key(self, identity: str, material: bytes, key_index: int) -> None:
+        if not self.window_open:
+            self.outside_window.append((identity, key_index))
+        super().set_key(identity, material, key_index)
+
+    def set_sender_index(self, key_index: int) -> None:
+        if not self.window_open:
+            self.outside_window.append(("<sender>", key_index))
+        super().set_sender_index(key_index)
+
+
+async def test_every_key_install_follows_a_quiesce(room: Room) -> None:
+    """Joins, a leave (removed member's slots overwritten), executes and old-slot wipes all
+    install keys only right after ``KeySink.quiesce``, never across an await: LiveKit's
+    data sends are held off exactly while the keys change."""
+    sinks = {name: QuiesceCheckingSink() for name in ("alice", "bob", "carol")}
+    for name in ("alice", "bob", "carol"):
+        await room.join(name, key_sink=sinks[name], old_key_grace=0.1)
+    await room.converged()
+    carol = room.sessions.pop("carol")
+    await carol.stop(leave=True)
+    await carol.ds.close()
+    await room.converged()
+    await asyncio.sleep(0.5)  # the wipes of old slots, after the grace period
+    for name, checked in sinks.items():
+        assert checked.quiesced > 0, name
+        assert checked.outside_window == [], (name, checked.outside_window)
 
 
 async def test_removed_member_rejoins_automatically(room: Room) -> None:

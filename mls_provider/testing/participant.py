@@ -29,7 +29,7 @@ from livekit import rtc
 from mls_provider.e2ee import MlsE2EE, encryption_options
 from mls_provider.events import Callback
 from mls_provider.keys import DEFAULT_RING_SIZE, key_index
-from mls_provider.session import EpochInfo
+from mls_provider.session import EpochInfo, SessionConfig
 from mls_provider.testing._process import pdeathsig_prefix
 from mls_provider.testing.audio import (
     SAMPLE_RATE,
@@ -65,6 +65,7 @@ class Participant:
     ``tone_buffer_ms`` is the audio queued ahead of the encoder: 100 ms keeps the tone's
     latency low; a talker sharing its event loop with many other participants needs more,
     or a stall of the loop longer than the buffer sends silence (a gap the test did make).
+    ``config`` tunes the MLS session (e.g. a longer ``old_key_grace``).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class Participant:
         encrypted: bool = True,
         subscribe: bool = True,
         ring_size: int = DEFAULT_RING_SIZE,
+        config: SessionConfig | None = None,
     ) -> None:
         self.identity = identity
         self.subscribe = subscribe
@@ -93,7 +95,9 @@ class Participant:
         self.ring_size = ring_size
         self.room = rtc.Room()
         self.e2ee: MlsE2EE | None = (
-            MlsE2EE(ds_target, token, ds_public_key=ds_public_key, ring_size=ring_size)
+            MlsE2EE(
+                ds_target, token, ds_public_key=ds_public_key, ring_size=ring_size, config=config
+            )
             if mls
             else None
         )

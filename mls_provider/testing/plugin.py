@@ -29,6 +29,7 @@ from mls_provider.testing.livekit_server import LiveKitServer
 from mls_provider.testing.stack import Stack, start_stack
 
 if TYPE_CHECKING:
+    from mls_provider.session import SessionConfig
     from mls_provider.testing.participant import Participant
 
 
@@ -77,6 +78,7 @@ class ParticipantFactory:
         encrypted: bool = True,
         subscribe: bool = True,
         room: str | None = None,
+        config: SessionConfig | None = None,
     ) -> Participant:
         """A connected participant; with ``mls`` it is in the group when this returns."""
         participant = self.new(
@@ -87,6 +89,7 @@ class ParticipantFactory:
             encrypted=encrypted,
             subscribe=subscribe,
             room=room,
+            config=config,
         )
         await participant.join()
         return participant
@@ -101,6 +104,7 @@ class ParticipantFactory:
         encrypted: bool = True,
         subscribe: bool = True,
         room: str | None = None,
+        config: SessionConfig | None = None,
     ) -> Participant:
         from mls_provider.testing.participant import Participant
 
@@ -115,6 +119,7 @@ class ParticipantFactory:
             mls=mls,
             encrypted=encrypted,
             subscribe=subscribe,
+            config=config,
         )
         self.created.append(participant)
         return participant

@@ -12,6 +12,7 @@ import signal
 import pytest
 from livekit import rtc
 
+from mls_provider.session import SessionConfig
 from mls_provider.testing.assertions import (
     assert_cannot_hear,
     assert_everyone_hears_everyone,
@@ -87,15 +88,18 @@ async def test_joiner_cannot_decrypt_media_from_before_it_joined(
 ) -> None:
     """Media encrypted under an epoch key from before a join stays undecryptable to the
     joiner, while members of that epoch still decrypt it."""
-    alice = await participants.join("alice", tone_hz=TONES["alice"])
-    bob = await participants.join("bob", tone_hz=TONES["bob"])
+    # old slots stay for the whole test: with the default 2 s grace bob's wipe raced the
+    # hearing checks below
+    keep = SessionConfig(old_key_grace=120.0)
+    alice = await participants.join("alice", tone_hz=TONES["alice"], config=keep)
+    bob = await participants.join("bob", tone_hz=TONES["bob"], config=keep)
     old_epoch = await wait_converged([alice, bob])
-    carol = await participants.join("carol", tone_hz=TONES["carol"])
+    carol = await participants.join("carol", tone_hz=TONES["carol"], config=keep)
     new_epoch = await wait_converged([alice, bob, carol])
     await assert_everyone_hears_everyone([alice, bob, carol])
 
-    # alice sends with her pre-join key again (still installed at bob: old keys are kept
-    # for a grace period; carol never had it)
+    # alice sends with her pre-join key again (still installed at bob within the grace
+    # period; carol never had it)
     assert alice.e2ee is not None and alice.e2ee.sink is not None
     for cryptor in alice.room.e2ee_manager.frame_cryptors():
         if cryptor.participant_identity == "alice":
