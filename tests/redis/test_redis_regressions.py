@@ -22,7 +22,7 @@ from delivery_service.store.redis import RedisStore
 from mls_provider import mls
 from mls_provider.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
 ROOM = "issues"
 
@@ -101,25 +101,25 @@ async def test_a_slow_load_does_not_overwrite_a_newer_record(
 
     real_load = b.store.load
     started, release = asyncio.Event(), asyncio.Event()
-    calls = 0
+    reader: asyncio.Task[bool] | None = None
 
-    async def slow_first_load(room: str) -> RoomState | None:
-        nonlocal calls
-        calls += 1
+    async def slow_reader_load(room: str) -> RoomState | None:
         record = await real_load(room)
-        if calls == 1:
+        # only the reader's load is slow: B's change feed must stay free to cache the
+        # newer record meanwhile (blocking it instead would only stall the feed)
+        if asyncio.current_task() is reader and not started.is_set():
             started.set()
             await release.wait()
         return record
 
-    b.store.load = slow_first_load
+    b.store.load = slow_reader_load
     b._forget(ROOM)
     reader = asyncio.ensure_future(b.is_participant(ROOM, "bob"))  # reads the old record
-    await started.wait()
-    await a.join(ROOM, "bob", key_package("bob")[1])  # proposes an Add: a log entry
+    await asyncio.wait_for(started.wait(), 5.0)
+    await asyncio.wait_for(a.join(ROOM, "bob", key_package("bob")[1]), 10.0)  # an Add
     await until(lambda: ROOM in b._rooms and "bob" in b._rooms[ROOM].state.participants)
     release.set()
-    await reader  # whatever it answered from the record it read
+    await asyncio.wait_for(reader, 5.0)  # whatever it answered from the record it read
     assert await b.is_participant(ROOM, "bob") is True
 
 
