@@ -360,9 +360,7 @@ class MlsSession(EventEmitter):
 
     async def _on_execute(self, group: mls.Group, epoch: int) -> None:
         if epoch == group.epoch and self.executed_epoch < epoch:
-            await self.sink.quiesce()
-            if self.group is not group or self.executed_epoch >= epoch:
-                return  # the group changed while we waited
+            await self.sink.quiesce()  # only this task changes the group: still current
             self._execute(group)
             self.emit("transition_executed", self.last_info)
 

@@ -26,7 +26,7 @@ QUIET = 0.05  # the tone decodes at rms ~0.2; concealment of a lost frame falls 
 # (a decryption failure also raises an E2EE event, which must not happen at all).
 NOISE_ALLOWANCE = 10
 # The talkers share this process's event loop with every churner's LiveKit and MLS session:
-# on 2 cores the loop stalls for up to ~130 ms while churners join, and with the default
+# on 2 cores the loop stalls for up to ~170 ms while churners join, and with the default
 # 100 ms source queue each such stall sent 50-150 ms of silence — a gap made by the test's
 # own audio feed, not by a rotation. A 1 s queue rides those stalls out.
 TALKER_BUFFER_MS = 1000
