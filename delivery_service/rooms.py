@@ -10,11 +10,12 @@ deadline. Nothing is acknowledged before the write returns. If the write loses a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from delivery_service.errors import (
@@ -44,6 +45,23 @@ class CachedRoom:
     observed: mls.ObservedGroup | None
 
 
+@dataclass
+class _RoomLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holders and waiters; the entry is dropped when nobody uses it
+
+
+class _Load:
+    """One read of a room's record from the store, in progress."""
+
+    stale = False
+
+
+def is_idle(state: RoomState) -> bool:
+    """No group and nobody waiting for one: nothing of the room needs to stay in memory."""
+    return state.phase is Phase.EMPTY and not state.participants
+
+
 class RoomManager:
     def __init__(
         self,
@@ -61,11 +79,14 @@ class RoomManager:
         self.clock = clock
         self.tick_retry = 1.0  # seconds before a failed deadline tick is tried again
         self._stopped = False
+        # Per-room memory is held only for rooms in use (a DS sees an endless stream of
+        # room names over its life): idle rooms are not cached, locks go with their last
+        # user, and load bookkeeping exists only while a load runs.
         self._rooms: dict[str, CachedRoom] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _RoomLock] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._published: dict[str, int] = {}
-        self._forgets: dict[str, int] = {}  # per room: how often its cached record was dropped
+        self._published: dict[str, int] = {}  # seq of the last entry handed to the hub
+        self._loads: dict[str, set[_Load]] = {}  # reads from the store in progress
         self._tasks: set[asyncio.Future[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -75,8 +96,9 @@ class RoomManager:
         """Re-arms the deadlines of every stored room and follows other processes."""
         for room in await self.store.rooms():
             cached = await self._load(room)
-            self._published[room] = cached.state.head
-            self._schedule(room, cached.state)
+            if not is_idle(cached.state):
+                self._published[room] = cached.state.head
+                self._schedule(room, cached.state)
         changes = self.store.changes()
         if changes is not None:
             self._watcher = asyncio.create_task(self._follow(changes))
@@ -100,16 +122,23 @@ class RoomManager:
         cached = self._rooms.get(room)
         if cached is not None:
             return cached
-        forgets = self._forgets.get(room, 0)
-        state = await self.store.load(room) or RoomState(room=room)
-        observed = None
-        if state.phase is Phase.ACTIVE:
-            observed = await asyncio.to_thread(self._restore_observer, state)
+        load = _Load()  # marked stale if the room is dropped from the cache meanwhile
+        loads = self._loads.setdefault(room, set())
+        loads.add(load)
+        try:
+            state = await self.store.load(room) or RoomState(room=room)
+            observed = None
+            if state.phase is Phase.ACTIVE:
+                observed = await asyncio.to_thread(self._restore_observer, state)
+        finally:
+            loads.discard(load)
+            if not loads:
+                del self._loads[room]
         cached = CachedRoom(state, observed)
         current = self._rooms.get(room)
         if current is not None and current.state.version >= state.version:
             return current  # loaded meanwhile by another request, and at least as new
-        if self._forgets.get(room, 0) == forgets:  # not invalidated while we were reading
+        if not load.stale and not is_idle(state):
             self._rooms[room] = cached
             self.metrics.rooms_cached.set(len(self._rooms))
         return cached
@@ -122,11 +151,20 @@ class RoomManager:
             log.warning("observer snapshot of room %r unusable, re-observing", state.room)
             return self.ordering.observer.observe(state.group_info)
 
-    def _lock(self, room: str) -> asyncio.Lock:
-        lock = self._locks.get(room)
-        if lock is None:
-            lock = self._locks[room] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _locked(self, room: str) -> AsyncIterator[None]:
+        """Holds the room's lock; the lock object lives only while someone uses it."""
+        entry = self._locks.get(room)
+        if entry is None:
+            entry = self._locks[room] = _RoomLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[room]
 
     async def transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
         """Runs ``operation`` on the room's state and persists what it did.
@@ -141,7 +179,7 @@ class RoomManager:
         return await asyncio.shield(task)
 
     async def _transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
-        async with self._lock(room):
+        async with self._locked(room):
             for attempt in range(MAX_ATTEMPTS):
                 cached = await self._load(room)
                 expected = cached.state.version
@@ -186,12 +224,17 @@ class RoomManager:
 
     def _forget(self, room: str) -> None:
         self._rooms.pop(room, None)
-        self._forgets[room] = self._forgets.get(room, 0) + 1
+        for load in self._loads.get(room, ()):
+            load.stale = True
         self.metrics.rooms_cached.set(len(self._rooms))
 
     def _after_write(self, room: str, tx: RoomTx) -> None:
         self.hub.publish(room, tx.entries)
-        if tx.entries:
+        if is_idle(tx.state):
+            self._rooms.pop(room, None)
+            self._published.pop(room, None)
+            self.metrics.rooms_cached.set(len(self._rooms))
+        elif tx.entries:
             self._published[room] = tx.entries[-1].seq
         for kind, proposal_kind in tx.emitted:  # no need to decode what was just encoded
             if kind == "commit":
@@ -358,7 +401,7 @@ class RoomManager:
                 self._forget(room)
                 if head <= self._published.get(room, 0):
                     continue
-                async with self._lock(room):
+                async with self._locked(room):
                     after = self._published.get(room, head - 1)
                     entries = await self.store.read_log(room, after)
                     self.hub.publish(room, entries)
@@ -369,9 +412,11 @@ class RoomManager:
                         after,
                         head,
                     )
-                    if entries:
-                        self._published[room] = entries[-1].seq
                     cached = await self._load(room)
+                    if is_idle(cached.state):
+                        self._published.pop(room, None)
+                    elif entries:
+                        self._published[room] = entries[-1].seq
                     self._schedule(room, cached.state)
             except Exception:
                 log.exception("following changes of room %r failed", room)
