@@ -680,13 +680,9 @@ class ScenarioRunner:
 
     # ---- the report -----------------------------------------------------------------------
 
-    def failures_after_events(
-        self, counted: list[list[tuple[float, str, int]]] | None = None
-    ) -> list[int]:
+    def failures_after_events(self, counted: list[list[tuple[float, str, int]]]) -> list[int]:
         """Counted decrypt failures per event: those after it, before the next event.
-        ``counted``: every instance's ``counted_failures``, if already at hand."""
-        if counted is None:
-            counted = [self.counted_failures(m) for m in self.instances]
+        ``counted``: every instance's ``counted_failures``."""
         times = sorted(t for failures in counted for t, _, _ in failures)
         starts = [e.requested_at for e in self.events]
         counts = [0] * len(starts)

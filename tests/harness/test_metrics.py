@@ -116,7 +116,8 @@ def test_which_decrypt_failures_count() -> None:
     runner.events.append(EventRecord(1, "leave", "b", 9.0, member=b))
     assert [t for t, _, _ in runner.counted_failures(a)] == [start + IN_FLIGHT_ALLOWANCE + 0.5, 8.0]
     assert runner.decrypt_failures() == 3
-    assert runner.failures_after_events() == [3, 0]
+    counted = [runner.counted_failures(m) for m in runner.instances]
+    assert runner.failures_after_events(counted) == [3, 0]
     row = {r.identity: r for r in runner.rows()}
     assert row["a"].decrypt_failures == 2 and row["b"].decrypt_failures == 1
 
