@@ -4,7 +4,7 @@
 # Caches (all ignored by git, reused by later runs):
 #   .venv/             Python virtualenv with the project installed (maturin develop)
 #   .cache/target/     cargo target dir
-#   .cache/bin/        livekit-server built from the Go module proxy, redis-server link
+#   .cache/bin/        livekit-server built from the Go module proxy; redis-server from PyPI
 #   .cache/go/         Go module and build caches
 
 SHELL := /bin/bash
@@ -17,12 +17,15 @@ PY := $(VENV)/bin/python
 CACHE := $(CURDIR)/.cache
 LIVEKIT_VERSION := v1.13.5
 LIVEKIT_SERVER := $(CACHE)/bin/livekit-server-$(LIVEKIT_VERSION)
+REDIS_VERSION := 6.2.14
+REDIS_SERVER := $(CACHE)/bin/redis-server-$(REDIS_VERSION)
 PYTEST_ARGS ?=
 
 export CARGO_TARGET_DIR := $(CACHE)/target
 export GOMODCACHE := $(CACHE)/go/mod
 export GOCACHE := $(CACHE)/go/build
 export LIVEKIT_MLS_LIVEKIT_SERVER := $(LIVEKIT_SERVER)
+export LIVEKIT_MLS_REDIS_SERVER := $(REDIS_SERVER)
 
 NATIVE_SOURCES := $(shell find native -name '*.rs' -o -name 'Cargo.toml' | grep -v /target/) native/Cargo.lock
 PROTO_SOURCES := $(wildcard proto/livekit/mls/v1/*.proto)
@@ -45,7 +48,7 @@ $(VENV)/.native: $(VENV)/.deps $(NATIVE_SOURCES)
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(VENV)/bin/maturin develop --release --locked
 	touch $@
 
-.PHONY: venv native livekit-server
+.PHONY: venv native livekit-server redis-server
 venv: $(VENV)/.deps  ## create .venv with pinned dependencies
 native: $(VENV)/.native  ## build the Rust extension into .venv (release)
 
@@ -55,6 +58,10 @@ $(LIVEKIT_SERVER):
 	@echo "building livekit-server $(LIVEKIT_VERSION) from the Go module proxy (first run: ~3-6 min)"
 	GOBIN=$(CACHE)/bin CGO_ENABLED=0 go install -trimpath github.com/livekit/livekit-server/cmd/server@$(LIVEKIT_VERSION)
 	mv $(CACHE)/bin/server $@
+
+redis-server: $(REDIS_SERVER)  ## fetch the pinned redis-server (for the Redis store tests)
+$(REDIS_SERVER):
+	$(PYTHON) scripts/fetch_redis_server.py $@
 
 ## ---- code generation ---------------------------------------------------------------
 
@@ -83,14 +90,19 @@ fmt:  ## format Python and Rust code
 
 ## ---- the two main commands ---------------------------------------------------------
 
-.PHONY: test test-rust test-python demo bench
+.PHONY: test test-rust test-python soak demo bench
 test: lint test-rust test-python  ## everything CI runs: lint, Rust tests, pytest (real servers)
 
 test-rust:
 	cd native && cargo test --release --locked -q
 
-test-python: $(VENV)/.native $(LIVEKIT_SERVER)
+test-python: $(VENV)/.native $(LIVEKIT_SERVER) $(REDIS_SERVER)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+SOAK_RUNS ?= 20
+SOAK ?=
+soak: $(VENV)/.native $(LIVEKIT_SERVER) $(REDIS_SERVER)  ## loop the kill/race/timing tests: make soak [SOAK_RUNS=20] [SOAK=tests/x.py]
+	$(PY) scripts/soak.py -n $(SOAK_RUNS) $(SOAK)
 
 demo: $(VENV)/.native $(LIVEKIT_SERVER)  ## live room: livekit-server + DS (SQLite) + participants
 	$(PY) -m mls_provider.demo

@@ -19,6 +19,7 @@ from typing import Any
 
 from delivery_service.limits import Limits
 from delivery_service.ordering import OrderingConfig
+from delivery_service.presence import DEFAULT_PRESENCE_TIMEOUT
 from delivery_service.server import DeliveryServer
 from delivery_service.settings import Settings
 
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="LiveKit key ring size handed to clients (2..256)",
     )
     a(
+        "--presence-timeout",
+        type=float,
+        default=float(_env("PRESENCE_TIMEOUT", str(DEFAULT_PRESENCE_TIMEOUT))),
+        help="seconds a member's event stream may be gone before the member is removed "
+        "(0: never; then only leaves and LiveKit webhooks remove members)",
+    )
+    a(
         "--commit-timeout",
         type=float,
         default=float(_env("COMMIT_TIMEOUT", str(d_order.commit_timeout))),
@@ -193,6 +201,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         )
     if not 2 <= args.ring_size <= 256:
         raise SystemExit("error: --ring-size must be 2..256")
+    if args.presence_timeout < 0:
+        raise SystemExit("error: --presence-timeout must be >= 0")
     limits = Limits(
         key_package=args.max_key_package_bytes,
         commit=args.max_commit_bytes,
@@ -224,6 +234,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_client_ca=args.tls_client_ca,
         limits=limits,
         ordering=ordering,
+        presence_timeout=args.presence_timeout,
     )
 
 

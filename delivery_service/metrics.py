@@ -37,6 +37,11 @@ class Metrics:
         self.transitions = Counter(
             "lkmls_transitions_total", "Transitions executed, by trigger", ["trigger"], registry=r
         )
+        self.presence_removals = Counter(
+            "lkmls_presence_removals_total",
+            "Participants removed because their event stream was gone past the presence timeout",
+            registry=r,
+        )
         self.webhooks = Counter(
             "lkmls_webhooks_total",
             "LiveKit webhooks received, by event and outcome",

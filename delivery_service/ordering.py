@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from delivery_service.errors import EpochConflict, InvalidRequest, NotFound, PermissionDenied
@@ -73,10 +73,20 @@ class RoomTx:
         observed: mls.ObservedGroup | None,
         now: float,
         key_packages: KeyPackageLoader,
+        *,
+        connected: frozenset[str] | None = None,
+        absent: frozenset[str] = frozenset(),
+        ready: set[str] | None = None,
     ) -> None:
         self.state = state
         self.observed = observed
         self.now = now
+        # presence (soft state, from the members' streams): who is reachable now (None:
+        # not tracked, everyone counts), and who has been gone past the presence timeout
+        self.connected = connected
+        self.absent = absent
+        # the ready acks of the open transition, when the caller read them
+        self.ready = ready
         self.start_head = state.head
         self.entries: list[LogEntry] = []
         # what was emitted, for metrics: (event kind, proposal kind or "")
@@ -104,6 +114,9 @@ class RoomTx:
 
     def changed(self) -> None:
         self.state_changed = True
+
+    def reachable(self, identity: str) -> bool:
+        return self.connected is None or identity in self.connected
 
 
 class CommitOrdering:
@@ -159,6 +172,9 @@ class CommitOrdering:
         self, tx: RoomTx, identity: str, generation: int, group_info: bytes
     ) -> int:
         state = tx.state
+        digest = hashlib.sha256(group_info).hexdigest()
+        if digest in state.accepted and state.generation == generation:
+            return state.accepted[digest][0]  # an idempotent retry of an accepted creation
         if state.phase is not Phase.CREATING or state.generation != generation:
             raise EpochConflict(
                 f"no group creation is pending for generation {generation}", state.epoch
@@ -190,6 +206,7 @@ class CommitOrdering:
         tx.observed = observed
         tx.observed_changed = True
         seq = tx.emit(execute=pb.TransitionExecute(epoch=0))
+        self._remember_accepted(state, digest, seq, 0)
         await self._reconcile(tx)
         return seq
 
@@ -241,6 +258,11 @@ class CommitOrdering:
             raise InvalidRequest(f"invalid commit: {e}") from e
         if not isinstance(applied, mls.CommitApplied):
             raise InvalidRequest("not a commit")
+        if not applied.has_path:
+            raise InvalidRequest(
+                "commit carries no UpdatePath: livekit-mls requires one on every commit "
+                "(path_required, docs/protocol.md §1)"
+            )
         self._check_committer(state, before, applied, identity)
         missing = {p.ref for p in state.pending} - set(applied.proposal_refs)
         if missing:
@@ -251,6 +273,7 @@ class CommitOrdering:
             )
         added = [m.identity for m in applied.added]
         removed = [m.identity for m in applied.removed]
+        welcome_refs: list[bytes] = []
         if added and not applied.is_external:
             try:
                 welcome_info = mls.message_info(welcome)
@@ -259,7 +282,8 @@ class CommitOrdering:
             if welcome_info.wire_format != "welcome":
                 raise InvalidRequest("the commit adds members but carries no Welcome")
             added_refs = {p.kp_ref for p in state.pending if p.kind == "add"}
-            if set(welcome_info.welcome_recipients) != added_refs:
+            welcome_refs = welcome_info.welcome_recipients
+            if set(welcome_refs) != added_refs:
                 raise InvalidRequest(
                     "the Welcome is not addressed to the key packages the commit adds"
                 )
@@ -298,12 +322,15 @@ class CommitOrdering:
         welcomed = tuple(a for a in added if a != identity)
         if welcomed and not applied.is_external:
             tx.emit(
-                welcome=pb.Welcome(epoch=applied.epoch, message=welcome, recipients=welcomed),
+                welcome=pb.Welcome(
+                    epoch=applied.epoch,
+                    message=welcome,
+                    recipients=welcomed,
+                    key_package_refs=welcome_refs,
+                ),
                 recipients=welcomed,
             )
-        state.accepted[digest] = [seq, applied.epoch]
-        while len(state.accepted) > ACCEPTED_COMMITS_KEPT:
-            del state.accepted[next(iter(state.accepted))]
+        self._remember_accepted(state, digest, seq, applied.epoch)
         await self._reconcile(tx)
         return pb.SubmitCommitResponse(seq=seq, epoch=applied.epoch)
 
@@ -349,11 +376,24 @@ class CommitOrdering:
             raise NotFound(f"{identity!r} is not a member of epoch {epoch}")
         return True
 
-    async def execute_if_ready(self, tx: RoomTx, epoch: int, ready: set[str]) -> None:
-        """Executes the open transition to ``epoch`` once every member acked it."""
+    async def execute_if_ready(self, tx: RoomTx, epoch: int) -> None:
+        """Executes the open transition to ``epoch`` once every reachable member acked it
+        (``tx.ready``)."""
         state = tx.state
-        if state.transition_open and state.epoch == epoch and set(state.members) <= ready:
+        if state.transition_open and state.epoch == epoch and self._everyone_ready(tx):
             await self._execute(tx)
+
+    @staticmethod
+    def all_ready(
+        members: Iterable[str], ready: set[str], connected: frozenset[str] | None
+    ) -> bool:
+        """Every member that is reachable (all, if ``connected`` is None) acked: a member
+        whose stream is gone cannot apply the commit now, and waiting for it would only
+        hold everyone else to the deadline."""
+        return all(m in ready for m in members if connected is None or m in connected)
+
+    def _everyone_ready(self, tx: RoomTx) -> bool:
+        return tx.ready is not None and self.all_ready(tx.state.members, tx.ready, tx.connected)
 
     async def leave(self, tx: RoomTx, identity: str, *, left_at: float | None = None) -> bool:
         """Drops an identity's wish to be in the group. ``left_at`` guards against a late
@@ -370,20 +410,27 @@ class CommitOrdering:
         await self._reconcile(tx)
         return True
 
-    async def tick(self, tx: RoomTx) -> None:
-        """Acts on every deadline that passed."""
+    async def tick(self, tx: RoomTx) -> list[str]:
+        """Acts on every deadline that passed, and on presence: participants gone longer
+        than the presence timeout (``tx.absent``) leave, and an open transition executes
+        as soon as every reachable member is ready. Returns who left for being gone."""
         state, cfg = tx.state, self.config
+        vanished = sorted(tx.absent & state.participants.keys())
+        for name in vanished:
+            await self.leave(tx, name)
         if state.phase is Phase.CREATING and tx.now >= state.phase_since + cfg.create_timeout:
             # the creator never answered: it cannot be trusted to be alive
             gone = state.participants.pop(state.creator, None)
             if gone is not None:
                 tx.drop_key_packages.add(gone.kp_ref)
             await self._reset(tx, "the creator did not create the group in time")
-            return
-        if state.transition_open and tx.now >= state.phase_since + cfg.execute_timeout:
+        elif state.transition_open and (
+            tx.now >= state.phase_since + cfg.execute_timeout or self._everyone_ready(tx)
+        ):
             await self._execute(tx)
-            return
-        await self._request_commit(tx)
+        else:
+            await self._request_commit(tx)
+        return vanished
 
     def next_deadline(self, state: RoomState) -> float | None:
         cfg = self.config
@@ -401,6 +448,13 @@ class CommitOrdering:
         return self._batch_due(state)
 
     # ---- internals -----------------------------------------------------------------
+
+    @staticmethod
+    def _remember_accepted(state: RoomState, digest: str, seq: int, epoch: int) -> None:
+        """For idempotent retries of an accepted commit or group creation."""
+        state.accepted[digest] = [seq, epoch]
+        while len(state.accepted) > ACCEPTED_COMMITS_KEPT:
+            del state.accepted[next(iter(state.accepted))]
 
     @staticmethod
     def _kp_in_use(state: RoomState, participant: Participant) -> bool:
@@ -499,21 +553,21 @@ class CommitOrdering:
         )
 
     def _designated_committer(self, tx: RoomTx, exclude: frozenset[str] = frozenset()) -> str:
-        """The lowest leaf among members that stay (no pending Remove, current key package)
-        and are not in ``exclude``; "" (anyone) if there is none."""
+        """The lowest leaf among members that stay (no pending Remove, current key package),
+        are not in ``exclude`` and are reachable (if none is: the lowest of the others);
+        "" (anyone) if there is none."""
         state = tx.state
         leaving = {p.identity for p in state.pending if p.kind == "remove"} | exclude
         assert tx.observed is not None
-        best: tuple[int, str] | None = None
+        candidates: list[tuple[bool, int, str]] = []
         for member in tx.observed.members():
             name = member.identity
             if name in leaving or name not in state.participants:
                 continue
             if state.members.get(name) != state.participants[name].kp_ref:
                 continue
-            if best is None or member.leaf_index < best[0]:
-                best = (member.leaf_index, name)
-        return best[1] if best else ""
+            candidates.append((not tx.reachable(name), member.leaf_index, name))
+        return min(candidates)[2] if candidates else ""
 
     async def _request_commit(self, tx: RoomTx) -> None:
         state = tx.state
@@ -534,8 +588,13 @@ class CommitOrdering:
             return
         if tx.now < self._batch_due(state):
             return
-        committer = self._designated_committer(tx)
-        state.commit_request = CommitRequestState(state.epoch, committer, refs, tx.now)
+        # new proposals renew the request, but designees that already let a deadline of
+        # this epoch pass stay passed over (each would cost another commit timeout)
+        passed = (
+            list(request.passed) if request is not None and request.epoch == state.epoch else []
+        )
+        committer = self._designated_committer(tx, exclude=frozenset(passed))
+        state.commit_request = CommitRequestState(state.epoch, committer, refs, tx.now, passed)
         tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=committer))
 
     async def _start_generation(self, tx: RoomTx, reason: str) -> None:

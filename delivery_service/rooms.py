@@ -29,6 +29,7 @@ from delivery_service.fanout import Hub
 from delivery_service.metrics import Metrics
 from delivery_service.model import LogEntry, Phase, RoomState
 from delivery_service.ordering import CommitOrdering, RoomTx
+from delivery_service.presence import StreamPresence
 from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store import Store
 from mls_provider import mls
@@ -70,12 +71,15 @@ class RoomManager:
         hub: Hub,
         metrics: Metrics,
         *,
+        presence: StreamPresence | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.ordering = ordering
         self.hub = hub
         self.metrics = metrics
+        # None: presence is not tracked (unit tests driving the manager without streams)
+        self.presence = presence
         self.clock = clock
         self.tick_retry = 1.0  # seconds before a failed deadline tick is tried again
         self._stopped = False
@@ -89,11 +93,16 @@ class RoomManager:
         self._loads: dict[str, set[_Load]] = {}  # reads from the store in progress
         self._tasks: set[asyncio.Future[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-arms the deadlines of every stored room and follows other processes."""
+        if self.presence is not None:
+            self.presence.start()  # members of stored rooms get a full timeout to return
+            if self.store.shared:
+                self._heartbeat = asyncio.create_task(self._share_presence())
         for room in await self.store.rooms():
             cached = await self._load(room)
             if not is_idle(cached.state):
@@ -108,8 +117,9 @@ class RoomManager:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for background in (self._watcher, self._heartbeat):
+            if background is not None:
+                background.cancel()
         if self._tasks:  # let running transactions finish their write and publish
             await asyncio.wait(list(self._tasks), timeout=5.0)
         for task in list(self._tasks):
@@ -166,28 +176,41 @@ class RoomManager:
             if not entry.users:
                 del self._locks[room]
 
-    async def transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
-        """Runs ``operation`` on the room's state and persists what it did.
+    async def transact(
+        self,
+        room: str,
+        operation: Callable[[RoomTx], Awaitable[T]],
+        *,
+        ready: set[str] | None = None,
+    ) -> T:
+        """Runs ``operation`` on the room's state and persists what it did. ``ready``: the
+        open transition's ready acks, for operations that may execute it.
 
         Shielded from the caller: a client that gives up (deadline, disconnect) must not
         interrupt a transaction whose write may already be committed — its entries still
         have to be published and its deadlines armed.
         """
-        task = asyncio.ensure_future(self._transact(room, operation))
+        task = asyncio.ensure_future(self._transact(room, operation, ready))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
-    async def _transact(self, room: str, operation: Callable[[RoomTx], Awaitable[T]]) -> T:
+    async def _transact(
+        self, room: str, operation: Callable[[RoomTx], Awaitable[T]], ready: set[str] | None
+    ) -> T:
         async with self._locked(room):
             for attempt in range(MAX_ATTEMPTS):
                 cached = await self._load(room)
                 expected = cached.state.version
+                view = None if self.presence is None else self.presence.view(room)
                 tx = RoomTx(
                     cached.state,
                     cached.observed,
                     self.clock(),
                     lambda ref: self.store.key_package(room, ref),
+                    connected=None if view is None else view.connected,
+                    absent=frozenset() if view is None else view.absent(cached.state.participants),
+                    ready=ready,
                 )
                 try:
                     result = await operation(tx)
@@ -233,6 +256,8 @@ class RoomManager:
         if is_idle(tx.state):
             self._rooms.pop(room, None)
             self._published.pop(room, None)
+            if self.presence is not None:
+                self.presence.forget(room)
             self.metrics.rooms_cached.set(len(self._rooms))
         elif tx.entries:
             self._published[room] = tx.entries[-1].seq
@@ -249,7 +274,11 @@ class RoomManager:
         timer = self._timers.pop(room, None)
         if timer is not None:
             timer.cancel()
-        deadline = self.ordering.next_deadline(state)
+        deadlines = [self.ordering.next_deadline(state)]
+        if self.presence is not None and state.participants:
+            # when a participant without a stream counts as gone
+            deadlines.append(self.presence.view(room).next_expiry(state.participants))
+        deadline = min((d for d in deadlines if d is not None), default=None)
         if deadline is None:
             return
         delay = max(0.0, deadline - self.clock())
@@ -261,16 +290,33 @@ class RoomManager:
         task.add_done_callback(self._tasks.discard)
 
     async def _tick(self, room: str) -> None:
-        self._timers.pop(room, None)
+        timer = self._timers.pop(room, None)
+        if timer is not None:
+            timer.cancel()  # run now instead (a stream closed)
 
-        async def tick(tx: RoomTx) -> bool:
+        async def tick(tx: RoomTx) -> tuple[bool, list[str]]:
             was_open = tx.state.transition_open
-            await self.ordering.tick(tx)
-            return was_open and not tx.state.transition_open
+            vanished = await self.ordering.tick(tx)
+            return was_open and not tx.state.transition_open, vanished
 
         try:
-            if await self.transact(room, tick):  # counted once, for the attempt that stuck
+            ready = None
+            if self.presence is not None:
+                await self.presence.fresh_view(room)  # other processes' streams, if shared
+                state = (await self._load(room)).state
+                if state.transition_open:
+                    ready = await self.store.ready_acks(room, state.generation, state.epoch)
+            executed, vanished = await self.transact(room, tick, ready=ready)
+            if executed:  # counted once, for the attempt that stuck
                 self.metrics.transitions.labels("deadline").inc()
+            for identity in vanished:
+                self.metrics.presence_removals.inc()
+                log.info(
+                    "vanished room=%s identity=%s (no event stream for %.1f s)",
+                    room,
+                    identity,
+                    self.presence.timeout if self.presence is not None else 0.0,
+                )
         except Exception:
             log.exception("deadline handling failed for room %r", room)
             if not self._stopped:
@@ -310,14 +356,15 @@ class RoomManager:
         if not CommitOrdering.ready_counts(state, identity, epoch):
             return
         ready = await self.store.mark_ready(room, state.generation, epoch, identity)
-        if set(state.members) <= ready:
+        connected = None if self.presence is None else self.presence.view(room).connected
+        if CommitOrdering.all_ready(state.members, ready, connected):
 
             async def execute(tx: RoomTx) -> bool:
                 was_open = tx.state.transition_open
-                await self.ordering.execute_if_ready(tx, epoch, ready)
+                await self.ordering.execute_if_ready(tx, epoch)
                 return was_open and not tx.state.transition_open
 
-            if await self.transact(room, execute):
+            if await self.transact(room, execute, ready=ready):
                 self.metrics.transitions.labels("all_ready").inc()
 
     async def leave(self, room: str, identity: str, *, left_at: float | None = None) -> bool:
@@ -353,6 +400,8 @@ class RoomManager:
         sub = self.hub.register(room, identity)
         sub.on_fail = on_fail
         self.metrics.subscribers.set(self.hub.subscriber_count)
+        if self.presence is not None:
+            self.presence.opened(room, identity)
         try:
             start = await self.store.log_start(room)
             head = (await self._load(room)).state.head
@@ -392,6 +441,33 @@ class RoomManager:
         finally:
             self.hub.unregister(sub)
             self.metrics.subscribers.set(self.hub.subscriber_count)
+            if self.presence is not None:
+                self.presence.closed(room, identity)
+                if not self._stopped:
+                    # a transition may now wait for nobody; arm the member's removal
+                    self._spawn_tick(room)
+
+    async def _share_presence(self) -> None:
+        """Shared stores: reports our streams to the other processes, and acts on what
+        they report (a member whose stream was on a process that died must be noticed
+        by the survivors)."""
+        presence = self.presence
+        assert presence is not None
+        while True:
+            await asyncio.sleep(presence.heartbeat)
+            try:
+                await presence.publish()
+                for room in list(self._published):
+                    await presence.fresh_view(room)
+                    cached = self._rooms.get(room)
+                    if cached is not None:
+                        self._schedule(room, cached.state)
+                    elif room not in self._timers:
+                        self._spawn_tick(room)  # not cached here: load it and look
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sharing presence failed; trying again")
 
     async def _follow(self, changes: AsyncIterator[tuple[str, int]]) -> None:
         """Publishes entries other DS processes wrote (shared stores only)."""

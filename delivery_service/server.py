@@ -19,7 +19,7 @@ from delivery_service.fanout import Hub
 from delivery_service.http import make_app
 from delivery_service.metrics import Metrics
 from delivery_service.ordering import CommitOrdering
-from delivery_service.presence import LiveKitPresence
+from delivery_service.presence import LiveKitPresence, StreamPresence
 from delivery_service.proto import delivery_pb2
 from delivery_service.rooms import RoomManager
 from delivery_service.settings import DS_IDENTITY, Settings
@@ -94,7 +94,10 @@ class DeliveryServer:
         key = await self._signature_key()
         self.observer = mls.ExternalObserver(DS_IDENTITY, key)
         ordering = CommitOrdering(self.observer, s.ordering)
-        self.manager = RoomManager(self.store, ordering, self.hub, self.metrics)
+        presence = (
+            StreamPresence(self.store, s.presence_timeout) if s.presence_timeout > 0 else None
+        )
+        self.manager = RoomManager(self.store, ordering, self.hub, self.metrics, presence=presence)
         await self.manager.start()
 
         authenticator = Authenticator(s.livekit_api_key, s.livekit_api_secret)
@@ -107,9 +110,11 @@ class DeliveryServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.keepalive_permit_without_calls", 1),
-            # and the server pings too, to notice dead connections
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            # and the server pings every member's connection each second, so that a member
+            # whose network is gone loses its stream (and, after the presence timeout, its
+            # place in the group) within seconds, not minutes
+            ("grpc.keepalive_time_ms", 1_000),
+            ("grpc.keepalive_timeout_ms", 2_000),
         ]
         self._grpc = grpc.aio.server(options=options)
         if s.livekit_url:

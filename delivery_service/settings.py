@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from delivery_service.limits import Limits
 from delivery_service.ordering import OrderingConfig
+from delivery_service.presence import DEFAULT_PRESENCE_TIMEOUT
 from delivery_service.store.base import DEFAULT_LOG_RETENTION
 
 DS_IDENTITY = "livekit-mls-ds"
@@ -29,6 +30,8 @@ class Settings:
     tls_client_ca: str = ""
     limits: Limits = field(default_factory=Limits)
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
+    # seconds a member's event stream may be gone before it is removed (0: presence off)
+    presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
     log_retention: int = DEFAULT_LOG_RETENTION
     stream_queue_size: int = 1024
     shutdown_grace: float = 5.0

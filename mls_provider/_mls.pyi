@@ -97,6 +97,8 @@ class CommitApplied:
     proposal_refs: list[bytes]
     """References of the by-reference proposals the commit applied."""
     by_value_proposals: list[str]
+    has_path: bool
+    """Whether the commit carried an UpdatePath (livekit-mls requires one)."""
 
 @final
 class OtherMessage:
@@ -117,6 +119,8 @@ class MessageInfo:
     cipher_suite: int | None
     welcome_recipients: list[bytes]
     """For a Welcome: the KeyPackageRefs of its recipients (empty otherwise)."""
+    key_package_ref: bytes | None
+    """For a KeyPackage: its KeyPackageRef, the name a Welcome gives its recipient."""
 
 @final
 class KeyPackageInfo:
@@ -130,7 +134,11 @@ class KeyPackageInfo:
 class MlsClient:
     """One LiveKit participant identity: key packages; create, join and load groups."""
 
-    def __init__(self, identity: str, key_pair: SignatureKeyPair) -> None: ...
+    def __init__(
+        self, identity: str, key_pair: SignatureKeyPair, *, require_update_path: bool = True
+    ) -> None:
+        """``require_update_path=False`` makes add-only commits without an UpdatePath:
+        RFC 9420 allows it, livekit-mls forbids it (the DS refuses them). For tests only."""
     @property
     def identity(self) -> str: ...
     @property

@@ -73,10 +73,16 @@ class SessionConfig:
     ds_public_key: bytes | None = None
     # seconds after an execute before the previous epoch's key slots are overwritten
     old_key_grace: float = 2.0
+    # backoff between attempts of a call (and stream resumes) that failed on the way:
+    # short, because the DS removes a member whose stream stays gone (its presence
+    # timeout, 3 s by default) and a call already waits for the DS to be reachable
     retry_initial: float = 0.1
-    retry_max: float = 5.0
+    retry_max: float = 1.0
     # how long a call keeps being retried while the DS is unreachable (e.g. restarting)
-    retry_timeout: float = 30.0
+    retry_timeout: float = 60.0
+    # how long stop(leave=True) keeps trying to say goodbye; a leave that never arrives
+    # is caught by the DS's presence timeout instead
+    leave_timeout: float = 5.0
     # join again (new key package) if removed while still wanting to be in the room
     rejoin_on_removal: bool = True
     # called for every identity a commit adds; False raises a "member_rejected" event
@@ -140,6 +146,7 @@ class MlsSession(EventEmitter):
         self._own: _OwnKey | None = None  # the key we send with
         self._next_own: _OwnKey | None = None  # prepared, installed on execute
         self._pending_commit: tuple[int, mls.CommitOutput] | None = None  # ours, unanswered
+        self._key_package_ref = b""  # of the key package uploaded last: our Welcome names it
         self._task: asyncio.Task[None] | None = None
         self._wipes: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -169,7 +176,10 @@ class MlsSession(EventEmitter):
         self._task = asyncio.create_task(self._run(), name=f"mls-session-{self.identity}")
 
     async def stop(self, *, leave: bool = True) -> None:
-        """Stops the session; with ``leave`` the DS removes us from the group."""
+        """Stops the session; with ``leave`` the DS removes us from the group. The leave
+        is retried for up to ``leave_timeout`` seconds while the DS is unreachable; if it
+        never arrives, the DS removes us once our stream has been gone for its presence
+        timeout."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -177,8 +187,9 @@ class MlsSession(EventEmitter):
         for task in list(self._wipes):
             task.cancel()
         if leave:
+            budget = self.config.leave_timeout
             try:
-                await self.ds.leave()
+                await self._retry(lambda: self.ds.leave(timeout=budget), timeout=budget)
             except DeliveryServiceError as e:
                 log.info("%s: leave not confirmed: %s", self.identity, e)
 
@@ -278,8 +289,8 @@ class MlsSession(EventEmitter):
         return False
 
     async def _on_welcome(self, event: pb.RoomEvent) -> bool:
-        if self.identity not in event.welcome.recipients or self.group is not None:
-            return False
+        if self._key_package_ref not in event.welcome.key_package_refs or self.group is not None:
+            return False  # for another key package: an earlier instance of our identity
         if self.room_config is None:
             return False
         group = self.client.join_group(event.welcome.message)
@@ -451,7 +462,9 @@ class MlsSession(EventEmitter):
             raise DsKeyMismatch("the group's external sender is not the delivery service's key")
 
     async def _join(self) -> None:
-        response = await self._retry(lambda: self.ds.join(self.client.generate_key_package()))
+        key_package = self.client.generate_key_package()
+        response = await self._retry(lambda: self.ds.join(key_package))
+        self._key_package_ref = mls.message_info(key_package).key_package_ref or b""
         self._check_room_config(response.config)
         self.room_config = response.config
         self.cursor = response.cursor
@@ -482,16 +495,20 @@ class MlsSession(EventEmitter):
         except (EpochConflict, NotJoined) as e:
             log.debug("%s: ready for %d not counted: %s", self.identity, epoch, e)
 
-    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retry(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         """Retries an idempotent unary call while the DS is unreachable, with backoff, for
-        up to ``retry_timeout`` seconds."""
+        up to ``timeout`` seconds (default ``retry_timeout``; a session that is stopping
+        gives up at once, unless a timeout is given)."""
         delay = self.config.retry_initial
-        deadline = asyncio.get_running_loop().time() + self.config.retry_timeout
+        budget = self.config.retry_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + budget
         while True:
             try:
                 return await call()
             except (Unavailable, ResourceExhausted):
-                if self._stopping or asyncio.get_running_loop().time() + delay > deadline:
+                if self._stopping and timeout is None:
+                    raise
+                if asyncio.get_running_loop().time() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)

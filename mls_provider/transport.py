@@ -22,6 +22,8 @@ R = TypeVar("R")
 
 EPOCH_METADATA_KEY = "x-mls-epoch"
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+# the channel's reconnect backoff: first retry, longest wait between attempts (ms)
+RECONNECT_BACKOFF_MS = (100, 500)
 
 
 class DeliveryServiceError(Exception):
@@ -107,7 +109,14 @@ TokenSource = str | Callable[[], str]
 
 class DeliveryClient:
     """Async client of one DS address. ``token`` may be a callable returning a fresh
-    token (called per request), for long sessions that outlive one token."""
+    token (called per request), for long sessions that outlive one token.
+
+    By default every call waits for the channel to be connected (gRPC ``wait_for_ready``)
+    for up to its timeout instead of failing at once while the DS is unreachable: every
+    call of this API is idempotent, and a DS that comes back is used the moment it is
+    reachable. A status the DS answers (a refusal) is raised at once as a typed error.
+    ``wait_for_ready=False`` fails at once instead (for a client that moves between DS
+    addresses itself)."""
 
     def __init__(
         self,
@@ -116,11 +125,13 @@ class DeliveryClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 30.0,
+        wait_for_ready: bool = True,
     ) -> None:
         self.target = target
         self._token = token
         self._credentials = credentials
         self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.DeliveryServiceStub | None = None
 
@@ -144,6 +155,12 @@ class DeliveryClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
+            # A DS that restarts must be used again at once: gRPC's default reconnect
+            # backoff (1 s growing to 120 s) kept calls failing for seconds after the DS
+            # was back. A refused connection costs nothing, so retry it often.
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ]
         if self._credentials is not None:
             self._channel = grpc.aio.secure_channel(self.target, self._credentials, options)
@@ -191,8 +208,8 @@ class DeliveryClient:
     async def ready(self, epoch: int) -> None:
         await self._call(self.stub.Ready, pb.ReadyRequest(epoch=epoch))
 
-    async def leave(self) -> None:
-        await self._call(self.stub.Leave, pb.LeaveRequest())
+    async def leave(self, timeout: float | None = None) -> None:
+        await self._call(self.stub.Leave, pb.LeaveRequest(), timeout)
 
     async def report_failure(self, epoch: int, reason: str) -> None:
         await self._call(
@@ -204,7 +221,11 @@ class DeliveryClient:
 
     async def subscribe(self, after: int) -> AsyncIterator[pb.RoomEvent]:
         """The room's events after ``after``; raises a typed error when the stream ends."""
-        call = self.stub.Subscribe(pb.SubscribeRequest(after=after), metadata=self._metadata())
+        call = self.stub.Subscribe(
+            pb.SubscribeRequest(after=after),
+            metadata=self._metadata(),
+            wait_for_ready=self.wait_for_ready,
+        )
         try:
             async for event in call:
                 yield event
@@ -217,9 +238,16 @@ class DeliveryClient:
         finally:
             call.cancel()
 
-    async def _call(self, method: Callable[..., Awaitable[R]], request: object) -> R:
+    async def _call(
+        self, method: Callable[..., Awaitable[R]], request: object, timeout: float | None = None
+    ) -> R:
         try:
-            return await method(request, metadata=self._metadata(), timeout=self.timeout)
+            return await method(
+                request,
+                metadata=self._metadata(),
+                timeout=self.timeout if timeout is None else timeout,
+                wait_for_ready=self.wait_for_ready,
+            )
         except grpc.aio.AioRpcError as e:
             raise translate(e) from None
         except asyncio.CancelledError:

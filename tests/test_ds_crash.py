@@ -134,3 +134,56 @@ async def test_kill_9_during_churn_loses_and_duplicates_nothing(tmp_path: Path) 
         await asyncio.gather(*(s.stop(leave=False) for s in sessions.values()))
         await asyncio.gather(*(s.ds.close() for s in sessions.values()))
         ds.stop()
+
+
+async def test_a_leave_lost_in_an_outage_is_caught_by_presence(tmp_path: Path) -> None:
+    """carol says goodbye while the DS is down: her leave is never confirmed and her session
+    ends. After the DS comes back, her stream never returns, so the DS removes her once the
+    presence timeout has passed (counted from its restart): alice and bob converge without
+    her. (Before presence, carol stayed in the group for good: a ghost member whose keys
+    everyone kept installing.)"""
+    secret = secrets.token_urlsafe(40)
+    ds = DeliveryServiceProcess(API_KEY, secret, workdir=tmp_path)
+    ds.start()
+    sessions: dict[str, MlsSession] = {}
+    config = SessionConfig(
+        ds_public_key=ds.public_key, retry_initial=0.05, retry_max=0.5, leave_timeout=0.5
+    )
+    try:
+        for name in ("alice", "bob", "carol"):
+            session = MlsSession(
+                DeliveryClient(ds.target, ds.token(name, ROOM)), name, HeadlessKeySink(), config
+            )
+            await session.start()
+            sessions[name] = session
+
+        async def converged(names: set[str]) -> None:
+            def done() -> bool:
+                states = {(s.epoch, s.executed_epoch, s.verification_code) for s in stayers}
+                return (
+                    len(states) == 1
+                    and all(set(s.members) == names for s in stayers)
+                    and stayers[0].epoch == stayers[0].executed_epoch
+                )
+
+            for _ in range(10_000):
+                if done():
+                    return
+                await asyncio.sleep(0.05)
+
+        stayers = list(sessions.values())
+        await asyncio.wait_for(converged({"alice", "bob", "carol"}), 30)
+        ds.kill()
+        carol = sessions.pop("carol")
+        await carol.stop(leave=True)  # the DS is down: the leave is lost
+        await carol.ds.close()
+        ds.start()
+        stayers = list(sessions.values())
+        await asyncio.wait_for(converged({"alice", "bob"}), 30)
+        messages = [str(r.get("msg", "")) for r in ds.log_lines()]
+        assert any(m.startswith(f"vanished room={ROOM} identity=carol") for m in messages)
+        assert not any(m.startswith(f"leave room={ROOM} identity=carol") for m in messages)
+    finally:
+        await asyncio.gather(*(s.stop(leave=False) for s in sessions.values()))
+        await asyncio.gather(*(s.ds.close() for s in sessions.values()))
+        ds.stop()

@@ -231,6 +231,81 @@ async def test_processing_failure_reports_and_rejoins(room: Room) -> None:
     assert rejoins and "simulated corrupt state" in rejoins[0]
 
 
+def hold_commits(session: MlsSession, until: asyncio.Event) -> None:
+    """Makes ``session`` answer commit requests only once ``until`` is set."""
+    original = session._on_commit_request
+
+    async def held(group: mls.Group, request: object) -> None:
+        await until.wait()
+        await original(group, request)  # type: ignore[arg-type]
+
+    session._on_commit_request = held  # type: ignore[method-assign]
+
+
+async def test_a_removal_that_also_adds_someone_takes_the_removed_path(
+    server: DeliveryServer, room: Room
+) -> None:
+    """One commit removes bob and adds carol: bob's session sees itself removed (the
+    ``removed`` event, ``rejoin_on_removal`` honoured), not a processing failure followed
+    by a re-join (the engine used to fail with AddedMemberNotFound)."""
+    alice = await room.join("alice")
+    bob = await room.join("bob", rejoin_on_removal=False)
+    await room.converged()
+    release = asyncio.Event()
+    hold_commits(alice, release)
+    events: list[tuple[str, object]] = []
+    for name in ("removed", "rejoining", "error"):
+        bob.on(name, lambda value, name=name: events.append((name, value)))
+    carol = await room.join("carol")
+    assert server.manager is not None
+    await server.manager.leave("room", "bob")  # as a webhook would
+
+    async def pending() -> int:
+        assert server.manager is not None
+        return len((await server.manager.room_state("room")).pending)
+
+    for _ in range(1000):  # the Remove and the Add are both waiting for alice's commit
+        if await pending() == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert await pending() == 2
+    release.set()
+    del room.sessions["bob"]
+    await room.converged()
+    assert [name for name, _ in events] == ["removed"]
+    assert not bob.running and bob.group is None
+    assert sorted(carol.members) == ["alice", "carol"]
+    await bob.ds.close()
+
+
+async def test_a_new_instance_ignores_its_predecessors_welcome(room: Room) -> None:
+    """bob's first instance uploads a key package and vanishes; a second instance joins
+    before alice commits the first one's Add. The Welcome of that commit is encrypted to
+    the first key package: the second instance must not try it (it used to fail with
+    WelcomeKeyPackageNotFound, report a failure and re-join), and joins from the next."""
+    alice = await room.join("alice")
+    await room.converged()
+    release = asyncio.Event()
+    hold_commits(alice, release)
+    first = DeliveryClient(room.target, token("bob"))
+    await first.join(mls.MlsClient("bob", mls.SignatureKeyPair.generate()).generate_key_package())
+    await first.close()
+    rejoins: list[str] = []
+    bob = MlsSession(
+        DeliveryClient(room.target, token("bob")),
+        "bob",
+        HeadlessKeySink(),
+        SessionConfig(ds_public_key=room.public_key, retry_max=0.5),
+    )
+    bob.on("rejoining", rejoins.append)
+    await bob.start()
+    room.sessions["bob"] = bob
+    release.set()
+    await room.converged()
+    assert rejoins == []
+    assert sorted(alice.members) == ["alice", "bob"]
+
+
 async def test_stream_resumes_after_ds_restart(tmp_path: Path) -> None:
     """A graceful DS restart on the same store: sessions resume from their cursors."""
     store = f"sqlite:///{tmp_path / 'ds.db'}"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlivekit/mls/v1/delivery.proto\x12\x0elivekit.mls.v1\"\x8f\x01\n\nRoomConfig\x12\x10\n\x08group_id\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tring_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63ipher_suite\x18\x04 \x01(\r\x12\x1b\n\x13\x64s_signing_identity\x18\x05 \x01(\x0c\x12\x15\n\rds_public_key\x18\x06 \x01(\x0c\"\"\n\x0bJoinRequest\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\"J\n\x0cJoinResponse\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.livekit.mls.v1.RoomConfig\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"<\n\x12\x43reateGroupRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\ngroup_info\x18\x02 \x01(\x0c\"\"\n\x13\x43reateGroupResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"!\n\x10SubscribeRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"\x8a\x03\n\tRoomEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x33\n\x0c\x63reate_group\x18\n \x01(\x0b\x32\x1b.livekit.mls.v1.CreateGroupH\x00\x12,\n\x08proposal\x18\x0b \x01(\x0b\x32\x18.livekit.mls.v1.ProposalH\x00\x12\x37\n\x0e\x63ommit_request\x18\x0c \x01(\x0b\x32\x1d.livekit.mls.v1.CommitRequestH\x00\x12(\n\x06\x63ommit\x18\r \x01(\x0b\x32\x16.livekit.mls.v1.CommitH\x00\x12*\n\x07welcome\x18\x0e \x01(\x0b\x32\x17.livekit.mls.v1.WelcomeH\x00\x12\x34\n\x07\x65xecute\x18\x0f \x01(\x0b\x32!.livekit.mls.v1.TransitionExecuteH\x00\x12+\n\x05reset\x18\x10 \x01(\x0b\x32\x1a.livekit.mls.v1.GroupResetH\x00\x42\x07\n\x05\x65vent\"\\\n\x0b\x43reateGroup\x12\x0f\n\x07\x63reator\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12*\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1a.livekit.mls.v1.RoomConfig\"g\n\x08Proposal\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0ftarget_identity\x18\x04 \x01(\t\x12\x14\n\x0cproposal_ref\x18\x05 \x01(\x0c\"1\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x11\n\tcommitter\x18\x02 \x01(\t\"[\n\x06\x43ommit\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x11\n\tcommitter\x18\x03 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07removed\x18\x05 \x03(\t\"=\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x12\n\nrecipients\x18\x03 \x03(\t\"\"\n\x11TransitionExecute\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"0\n\nGroupReset\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\x13SubmitCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x0c\x12\x0f\n\x07welcome\x18\x03 \x01(\x0c\x12\x12\n\ngroup_info\x18\x04 \x01(\x0c\"2\n\x14SubmitCommitResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x1d\n\x0cReadyRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rReadyResponse\"\x0e\n\x0cLeaveRequest\"\x0f\n\rLeaveResponse\"5\n\x14ReportFailureRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x15ReportFailureResponse\"+\n\x17ReportDisconnectRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"\x1a\n\x18ReportDisconnectResponse2\xa4\x05\n\x0f\x44\x65liveryService\x12\x41\n\x04Join\x12\x1b.livekit.mls.v1.JoinRequest\x1a\x1c.livekit.mls.v1.JoinResponse\x12V\n\x0b\x43reateGroup\x12\".livekit.mls.v1.CreateGroupRequest\x1a#.livekit.mls.v1.CreateGroupResponse\x12J\n\tSubscribe\x12 .livekit.mls.v1.SubscribeRequest\x1a\x19.livekit.mls.v1.RoomEvent0\x01\x12Y\n\x0cSubmitCommit\x12#.livekit.mls.v1.SubmitCommitRequest\x1a$.livekit.mls.v1.SubmitCommitResponse\x12\x44\n\x05Ready\x12\x1c.livekit.mls.v1.ReadyRequest\x1a\x1d.livekit.mls.v1.ReadyResponse\x12\x44\n\x05Leave\x12\x1c.livekit.mls.v1.LeaveRequest\x1a\x1d.livekit.mls.v1.LeaveResponse\x12\\\n\rReportFailure\x12$.livekit.mls.v1.ReportFailureRequest\x1a%.livekit.mls.v1.ReportFailureResponse\x12\x65\n\x10ReportDisconnect\x12\'.livekit.mls.v1.ReportDisconnectRequest\x1a(.livekit.mls.v1.ReportDisconnectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlivekit/mls/v1/delivery.proto\x12\x0elivekit.mls.v1\"\x8f\x01\n\nRoomConfig\x12\x10\n\x08group_id\x18\x01 \x01(\x0c\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tring_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63ipher_suite\x18\x04 \x01(\r\x12\x1b\n\x13\x64s_signing_identity\x18\x05 \x01(\x0c\x12\x15\n\rds_public_key\x18\x06 \x01(\x0c\"\"\n\x0bJoinRequest\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\"J\n\x0cJoinResponse\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.livekit.mls.v1.RoomConfig\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x04\"<\n\x12\x43reateGroupRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\ngroup_info\x18\x02 \x01(\x0c\"\"\n\x13\x43reateGroupResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"!\n\x10SubscribeRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"\x8a\x03\n\tRoomEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x33\n\x0c\x63reate_group\x18\n \x01(\x0b\x32\x1b.livekit.mls.v1.CreateGroupH\x00\x12,\n\x08proposal\x18\x0b \x01(\x0b\x32\x18.livekit.mls.v1.ProposalH\x00\x12\x37\n\x0e\x63ommit_request\x18\x0c \x01(\x0b\x32\x1d.livekit.mls.v1.CommitRequestH\x00\x12(\n\x06\x63ommit\x18\r \x01(\x0b\x32\x16.livekit.mls.v1.CommitH\x00\x12*\n\x07welcome\x18\x0e \x01(\x0b\x32\x17.livekit.mls.v1.WelcomeH\x00\x12\x34\n\x07\x65xecute\x18\x0f \x01(\x0b\x32!.livekit.mls.v1.TransitionExecuteH\x00\x12+\n\x05reset\x18\x10 \x01(\x0b\x32\x1a.livekit.mls.v1.GroupResetH\x00\x42\x07\n\x05\x65vent\"\\\n\x0b\x43reateGroup\x12\x0f\n\x07\x63reator\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12*\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1a.livekit.mls.v1.RoomConfig\"g\n\x08Proposal\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x17\n\x0ftarget_identity\x18\x04 \x01(\t\x12\x14\n\x0cproposal_ref\x18\x05 \x01(\x0c\"1\n\rCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x11\n\tcommitter\x18\x02 \x01(\t\"[\n\x06\x43ommit\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x11\n\tcommitter\x18\x03 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07removed\x18\x05 \x03(\t\"W\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\x18\n\x10key_package_refs\x18\x04 \x03(\x0c\"\"\n\x11TransitionExecute\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"0\n\nGroupReset\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\x13SubmitCommitRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x0c\x12\x0f\n\x07welcome\x18\x03 \x01(\x0c\x12\x12\n\ngroup_info\x18\x04 \x01(\x0c\"2\n\x14SubmitCommitResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x1d\n\x0cReadyRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x0f\n\rReadyResponse\"\x0e\n\x0cLeaveRequest\"\x0f\n\rLeaveResponse\"5\n\x14ReportFailureRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x15ReportFailureResponse\"+\n\x17ReportDisconnectRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"\x1a\n\x18ReportDisconnectResponse2\xa4\x05\n\x0f\x44\x65liveryService\x12\x41\n\x04Join\x12\x1b.livekit.mls.v1.JoinRequest\x1a\x1c.livekit.mls.v1.JoinResponse\x12V\n\x0b\x43reateGroup\x12\".livekit.mls.v1.CreateGroupRequest\x1a#.livekit.mls.v1.CreateGroupResponse\x12J\n\tSubscribe\x12 .livekit.mls.v1.SubscribeRequest\x1a\x19.livekit.mls.v1.RoomEvent0\x01\x12Y\n\x0cSubmitCommit\x12#.livekit.mls.v1.SubmitCommitRequest\x1a$.livekit.mls.v1.SubmitCommitResponse\x12\x44\n\x05Ready\x12\x1c.livekit.mls.v1.ReadyRequest\x1a\x1d.livekit.mls.v1.ReadyResponse\x12\x44\n\x05Leave\x12\x1c.livekit.mls.v1.LeaveRequest\x1a\x1d.livekit.mls.v1.LeaveResponse\x12\\\n\rReportFailure\x12$.livekit.mls.v1.ReportFailureRequest\x1a%.livekit.mls.v1.ReportFailureResponse\x12\x65\n\x10ReportDisconnect\x12\'.livekit.mls.v1.ReportDisconnectRequest\x1a(.livekit.mls.v1.ReportDisconnectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,31 +55,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMIT']._serialized_start=1087
   _globals['_COMMIT']._serialized_end=1178
   _globals['_WELCOME']._serialized_start=1180
-  _globals['_WELCOME']._serialized_end=1241
-  _globals['_TRANSITIONEXECUTE']._serialized_start=1243
-  _globals['_TRANSITIONEXECUTE']._serialized_end=1277
-  _globals['_GROUPRESET']._serialized_start=1279
-  _globals['_GROUPRESET']._serialized_end=1327
-  _globals['_SUBMITCOMMITREQUEST']._serialized_start=1329
-  _globals['_SUBMITCOMMITREQUEST']._serialized_end=1418
-  _globals['_SUBMITCOMMITRESPONSE']._serialized_start=1420
-  _globals['_SUBMITCOMMITRESPONSE']._serialized_end=1470
-  _globals['_READYREQUEST']._serialized_start=1472
-  _globals['_READYREQUEST']._serialized_end=1501
-  _globals['_READYRESPONSE']._serialized_start=1503
-  _globals['_READYRESPONSE']._serialized_end=1518
-  _globals['_LEAVEREQUEST']._serialized_start=1520
-  _globals['_LEAVEREQUEST']._serialized_end=1534
-  _globals['_LEAVERESPONSE']._serialized_start=1536
-  _globals['_LEAVERESPONSE']._serialized_end=1551
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=1553
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=1606
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=1608
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=1631
-  _globals['_REPORTDISCONNECTREQUEST']._serialized_start=1633
-  _globals['_REPORTDISCONNECTREQUEST']._serialized_end=1676
-  _globals['_REPORTDISCONNECTRESPONSE']._serialized_start=1678
-  _globals['_REPORTDISCONNECTRESPONSE']._serialized_end=1704
-  _globals['_DELIVERYSERVICE']._serialized_start=1707
-  _globals['_DELIVERYSERVICE']._serialized_end=2383
+  _globals['_WELCOME']._serialized_end=1267
+  _globals['_TRANSITIONEXECUTE']._serialized_start=1269
+  _globals['_TRANSITIONEXECUTE']._serialized_end=1303
+  _globals['_GROUPRESET']._serialized_start=1305
+  _globals['_GROUPRESET']._serialized_end=1353
+  _globals['_SUBMITCOMMITREQUEST']._serialized_start=1355
+  _globals['_SUBMITCOMMITREQUEST']._serialized_end=1444
+  _globals['_SUBMITCOMMITRESPONSE']._serialized_start=1446
+  _globals['_SUBMITCOMMITRESPONSE']._serialized_end=1496
+  _globals['_READYREQUEST']._serialized_start=1498
+  _globals['_READYREQUEST']._serialized_end=1527
+  _globals['_READYRESPONSE']._serialized_start=1529
+  _globals['_READYRESPONSE']._serialized_end=1544
+  _globals['_LEAVEREQUEST']._serialized_start=1546
+  _globals['_LEAVEREQUEST']._serialized_end=1560
+  _globals['_LEAVERESPONSE']._serialized_start=1562
+  _globals['_LEAVERESPONSE']._serialized_end=1577
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=1579
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=1632
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=1634
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=1657
+  _globals['_REPORTDISCONNECTREQUEST']._serialized_start=1659
+  _globals['_REPORTDISCONNECTREQUEST']._serialized_end=1702
+  _globals['_REPORTDISCONNECTRESPONSE']._serialized_start=1704
+  _globals['_REPORTDISCONNECTRESPONSE']._serialized_end=1730
+  _globals['_DELIVERYSERVICE']._serialized_start=1733
+  _globals['_DELIVERYSERVICE']._serialized_end=2409
 # @@protoc_insertion_point(module_scope)

@@ -369,20 +369,29 @@ class Welcome(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
+    KEY_PACKAGE_REFS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     message: _builtins.bytes
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def key_package_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The KeyPackageRefs the Welcome is encrypted to (RFC 9420 §5.2). A member joins from it
+        only if it names the key package that member uploaded last: a new instance of an
+        identity ignores the Welcome meant for its predecessor's key package.
+        """
+
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
         message: _builtins.bytes = ...,
         recipients: _abc.Iterable[_builtins.str] | None = ...,
+        key_package_refs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "message", b"message", "recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "key_package_refs", b"key_package_refs", "message", b"message", "recipients", b"recipients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,6 +71,22 @@ class Store(abc.ABC):
     async def mark_ready(self, room: str, generation: int, epoch: int, identity: str) -> set[str]:
         """Records a ready ack and returns every identity ready for that epoch."""
 
+    @abc.abstractmethod
+    async def ready_acks(self, room: str, generation: int, epoch: int) -> set[str]:
+        """Every identity ready for that epoch (empty once a newer epoch was acked)."""
+
+    async def publish_presence(  # noqa: B027 - optional hook
+        self, report: Mapping[str, Mapping[str, tuple[float, bool]]], *, ttl: float
+    ) -> None:
+        """Shared stores: this process's streams, room -> identity -> (time, open): an
+        open stream at that time, or the time its last stream closed. Kept ``ttl``
+        seconds. Single-process stores keep presence in the process and ignore this."""
+
+    async def read_presence(self, room: str) -> list[tuple[str, float, bool]]:
+        """Shared stores: (identity, time, open) as the *other* processes last reported
+        them for ``room``. Empty for single-process stores."""
+        return []
+
     def changes(self) -> AsyncIterator[tuple[str, int]] | None:
         """(room, head) notifications of writes by *other* DS processes, for stores that
         several processes share; None for single-process stores."""

@@ -22,3 +22,9 @@ class ReadyAcks:
             return set()  # an ack for an older epoch than the newest seen
         current[2].add(identity)
         return set(current[2])
+
+    def acks(self, room: str, generation: int, epoch: int) -> set[str]:
+        current = self._acks.get(room)
+        if current is None or (current[0], current[1]) != (generation, epoch):
+            return set()
+        return set(current[2])

@@ -75,6 +75,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import struct
 import urllib.parse
@@ -489,6 +490,45 @@ class RedisStore(Store):
                 _MARK_READY, keys, [generation, epoch, identity, self.ready_ttl]
             )
         return {m.decode() for m in members}
+
+    async def ready_acks(self, room: str, generation: int, epoch: int) -> set[str]:
+        with self._surface("ready_acks"):
+            members = await self.redis.smembers(self._key(f"rdyset:{generation}:{epoch}", room))
+        return {_text(m) for m in members}
+
+    # ---- presence (soft state: each process's open streams) ------------------------
+    # One hash per room: field = this process's id (16 hex characters) + identity,
+    # value = "<milliseconds> <1 open | 0 closed>".
+
+    async def publish_presence(
+        self, report: Mapping[str, Mapping[str, tuple[float, bool]]], *, ttl: float
+    ) -> None:
+        with self._surface("publish_presence"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room, seen in report.items():
+                    key = self._key("prs", room)
+                    pipe.hset(
+                        key,
+                        mapping={
+                            f"{self.process_id}{identity}".encode(): f"{int(at * 1000)} {int(o)}"
+                            for identity, (at, o) in seen.items()
+                        },
+                    )
+                    pipe.expire(key, math.ceil(ttl))
+                await pipe.execute()
+
+    async def read_presence(self, room: str) -> list[tuple[str, float, bool]]:
+        with self._surface("read_presence"):
+            fields = await self.redis.hgetall(self._key("prs", room))
+        rows = []
+        mine = self.process_id.encode()
+        for field, value in fields.items():
+            field = _bytes(field)
+            if field.startswith(mine):
+                continue  # this process knows its own streams better
+            at, _, is_open = _text(value).partition(" ")
+            rows.append((field[len(mine) :].decode(), int(at) / 1000, is_open == "1"))
+        return rows
 
     # ---- changes by other processes ------------------------------------------------
 

@@ -309,3 +309,6 @@ class SqliteStore(Store):
 
     async def mark_ready(self, room: str, generation: int, epoch: int, identity: str) -> set[str]:
         return self._ready.mark(room, generation, epoch, identity)
+
+    async def ready_acks(self, room: str, generation: int, epoch: int) -> set[str]:
+        return self._ready.acks(room, generation, epoch)

@@ -7,6 +7,8 @@ work dir), matching these messages of ``delivery_service``:
 
 * ``commit accepted room=R by=I epoch=N ...`` (``api.py``): epoch N's commit accepted;
 * ``leave room=R identity=I`` (``api.py``): a member said goodbye;
+* ``vanished room=R identity=I ...`` (``rooms.py``): its event stream was gone past the
+  presence timeout;
 * ``disconnect reported room=R identity=I ...`` (``api.py``): a member reported another gone;
 * ``webhook K room=R identity=I removed=True`` (``http.py``): LiveKit said it left.
 
@@ -33,7 +35,8 @@ class DsLog:
     _REMOVAL = re.compile(
         r"^(?:webhook \S+ room=(\S+) identity=(\S+) removed=True"
         r"|disconnect reported room=(\S+) identity=(\S+)"
-        r"|leave room=(\S+) identity=(\S+))"
+        r"|leave room=(\S+) identity=(\S+)"
+        r"|vanished room=(\S+) identity=(\S+))"
     )
 
     def __init__(self, path: Path, room: str) -> None:

@@ -109,13 +109,16 @@ class Member:
         self.applied: list[mls.CommitApplied] = []
         self.requests: list[pb.CommitRequest] = []
         self.acked: list[int] = []
+        self.key_package_ref = b""  # of the key package uploaded last
 
     # ---- explicit steps --------------------------------------------------------------
 
     async def join(self) -> pb.JoinResponse:
         """Uploads a fresh key package (join or re-join)."""
         self.left = False
-        response = await self.transport.join(self.client.generate_key_package())
+        key_package = self.client.generate_key_package()
+        response = await self.transport.join(key_package)
+        self.key_package_ref = mls.message_info(key_package).key_package_ref or b""
         self.config = response.config
         return response
 
@@ -245,6 +248,8 @@ class Member:
     async def _on_welcome(self, welcome: pb.Welcome) -> None:
         if self.identity not in welcome.recipients:
             raise ProtocolViolation(f"{self.identity} got a welcome for {welcome.recipients}")
+        if self.key_package_ref not in welcome.key_package_refs:
+            return  # made for a key package we uploaded before (the commit raced a re-join)
         if self.group is not None:
             raise ProtocolViolation(f"{self.identity} got a welcome while in the group")
         self.group = self.client.join_group(welcome.message)

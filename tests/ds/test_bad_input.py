@@ -555,7 +555,9 @@ async def test_random_bad_input_is_refused_and_changes_nothing(
     statuses only (per kind of input), no state change, and a valid member is served
     afterwards."""
     started = time.monotonic()
-    ds = await start_ds(limits=LIMITS, ordering=ORDERING)
+    # presence off: the creator of the second room joins over a raw channel and never
+    # subscribes, and its room must stay as it is for the whole run (presence: test_presence)
+    ds = await start_ds(limits=LIMITS, ordering=ORDERING, presence_timeout=0)
     (alice, bob), zed, history, stale = await setup_room(ds, make_member)
     await zed.join()  # the DS proposes zed's Add and asks alice to commit it
     await alice.until("commit_request")

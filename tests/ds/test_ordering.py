@@ -547,6 +547,46 @@ async def test_silent_designees_are_passed_over_then_anyone_may_commit(env: Env)
     assert bob.roster() == ["alice", "bob", "carol"]
 
 
+async def test_new_proposals_keep_passed_designees_passed(env: Env) -> None:
+    """A designee that let its deadline pass stays passed over for the epoch: when a new
+    proposal renews the commit request, the request names the next member again, not the
+    lowest leaf (each silent designee would cost another commit timeout)."""
+    await env.grow("alice", "bob", "carol", "dave")
+    await env.join("erin")
+    assert (await env.state()).commit_request.committer == "alice"  # type: ignore[union-attr]
+    await env.tick(CONFIG.commit_timeout + 1)
+    assert (await env.state()).commit_request.committer == "bob"  # type: ignore[union-attr]
+    await env.manager.leave(ROOM, "dave")  # a Remove: the request is renewed
+    request = (await env.state()).commit_request
+    assert request is not None and request.committer == "bob" and request.passed == ["alice"]
+    await env.settle()
+    assert env.members["bob"].roster() == ["alice", "bob", "carol", "erin"]
+
+
+async def test_a_commit_without_update_path_is_refused(env: Env) -> None:
+    """An add-only commit without an UpdatePath (RFC 9420 allows it; livekit-mls requires a
+    path on every commit) is INVALID_ARGUMENT with a message naming the rule, stores
+    nothing; the same change committed with a path is accepted."""
+    alice = env.member("alice")
+    lax = mls.MlsClient("alice", mls.SignatureKeyPair.generate(), require_update_path=False)
+    alice.client = lax
+    await env.join("alice", new_client=False)
+    env.cursors["alice"] = 0
+    await env.settle()
+    await env.join("bob")
+    await env.deliver(["alice"])
+    pathless = alice.make_commit()
+    error = await env.assert_rejected(InvalidRequest, alice.submit(pathless))
+    assert "UpdatePath" in error.message
+    group = alice.require_group()
+    strict = mls.MlsClient("alice", lax.key_pair).load_group(group.to_bytes())
+    alice.group = strict
+    response = await alice.commit()
+    assert response.epoch == 1
+    welcome = [e.welcome for e in await env.events() if e.HasField("welcome")][-1]
+    assert list(welcome.key_package_refs) == [env.members["bob"].key_package_ref]
+
+
 # ---- generations and re-joins ----------------------------------------------------------
 
 

@@ -173,7 +173,7 @@ class FailoverClient(tp.DeliveryClient):
     """
 
     def __init__(self, targets: Sequence[str], token: str) -> None:
-        super().__init__(targets[0], token, timeout=15.0)
+        super().__init__(targets[0], token, timeout=15.0, wait_for_ready=False)
         self.targets = list(targets)
         self.failovers = 0
         # (epoch submitted, response or the EpochConflict raised)
@@ -187,10 +187,12 @@ class FailoverClient(tp.DeliveryClient):
         self.target = self.targets[(index + 1) % len(self.targets)]
         self.failovers += 1
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: object) -> T:
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: object, timeout: float | None = None
+    ) -> T:
         target = self.target
         try:
-            return await super()._call(method, request)
+            return await super()._call(method, request, timeout)
         except tp.Unavailable:
             await self._fail_over(target)
             raise

@@ -134,17 +134,29 @@ pub struct Client {
     key_pair: SignatureKeyPair,
     inner: mls_rs::Client<ClientConfig>,
     storage: InMemoryGroupStateStorage,
+    path_required: bool,
 }
 
 impl Client {
     pub fn new(identity: &str, key_pair: SignatureKeyPair) -> Result<Self> {
+        Self::with_update_path(identity, key_pair, true)
+    }
+
+    /// A client whose add-only commits carry an UpdatePath only if `required`. RFC 9420
+    /// allows omitting it (other implementations do by default); livekit-mls requires it
+    /// and its delivery service refuses such commits. Only for tests of that rule.
+    pub fn with_update_path(
+        identity: &str,
+        key_pair: SignatureKeyPair,
+        required: bool,
+    ) -> Result<Self> {
         let signing_identity = key_pair.signing_identity(identity)?;
         let suite = config::cipher_suite(key_pair.cipher_suite)?;
         let storage = InMemoryGroupStateStorage::new();
         let inner = mls_rs::Client::builder()
             .crypto_provider(config::crypto_provider())
             .identity_provider(Utf8IdentityProvider)
-            .mls_rules(config::mls_rules())
+            .mls_rules(config::mls_rules_with(required))
             .group_state_storage(storage.clone())
             .signing_identity(signing_identity, key_pair.secret.clone(), suite)
             .build();
@@ -153,6 +165,7 @@ impl Client {
             key_pair,
             inner,
             storage,
+            path_required: required,
         })
     }
 
@@ -206,7 +219,7 @@ impl Client {
             ExtensionList::default(),
             None,
         )?;
-        Ok(Group::new(group, self.storage.clone()))
+        Ok(Group::new(group, self.storage.clone(), self.path_required))
     }
 
     /// Joins from a Welcome made for one of this client's key packages.
@@ -217,7 +230,7 @@ impl Client {
         // the written copy itself is dropped at once.
         group.write_to_storage()?;
         self.storage.delete_group(group.group_id());
-        Ok(Group::new(group, self.storage.clone()))
+        Ok(Group::new(group, self.storage.clone(), self.path_required))
     }
 
     /// Joins by external commit from a GroupInfo that allows it. With `replace_leaf`, the
@@ -235,7 +248,10 @@ impl Client {
             builder = builder.with_removal(leaf);
         }
         let (group, commit) = builder.build(group_info)?;
-        Ok((Group::new(group, self.storage.clone()), commit.to_bytes()?))
+        Ok((
+            Group::new(group, self.storage.clone(), self.path_required),
+            commit.to_bytes()?,
+        ))
     }
 
     /// Restores a group from `Group::to_bytes`. The client must hold the same identity.
@@ -254,7 +270,7 @@ impl Client {
         .map_err(|e| Error::new(ErrorKind::Internal, "GroupStorageError", e.to_string()))?;
         let loaded = self.inner.load_group(group_id);
         self.storage.delete_group(group_id);
-        let group = Group::new(loaded?, self.storage.clone());
+        let group = Group::new(loaded?, self.storage.clone(), self.path_required);
         if group.identity()? != self.identity {
             return Err(Error::state(
                 "IdentityMismatch",

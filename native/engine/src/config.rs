@@ -53,10 +53,16 @@ pub type ObserverConfig = external_builder::WithMlsRules<
 /// * Welcomes carry the ratchet tree, so joiners need nothing out of band;
 /// * commits produce a GroupInfo that allows external commits (re-join without a member).
 pub fn mls_rules() -> DefaultMlsRules {
+    mls_rules_with(true)
+}
+
+/// The shared rules, with `path_required` chosen (false only in tests of the DS's rule
+/// that every commit carries an UpdatePath).
+pub fn mls_rules_with(path_required: bool) -> DefaultMlsRules {
     DefaultMlsRules::new()
         .with_commit_options(
             CommitOptions::new()
-                .with_path_required(true)
+                .with_path_required(path_required)
                 .with_ratchet_tree_extension(true)
                 .with_single_welcome_message(true)
                 .with_allow_external_commit(true),

@@ -35,6 +35,10 @@ pub struct Group {
     inner: mls_rs::Group<ClientConfig>,
     storage: InMemoryGroupStateStorage,
     removed: bool,
+    /// Whether the pending commit (ours, not yet applied) carries an UpdatePath: mls-rs
+    /// keeps the pending commit out of reach, so it is noted when the commit is made. A
+    /// group restored with a pending commit assumes its client's rule.
+    pending_has_path: bool,
 }
 
 impl RosterView for mls_rs::Group<ClientConfig> {
@@ -47,6 +51,10 @@ impl RosterView for mls_rs::Group<ClientConfig> {
         self.member_with_identity(identity.as_bytes())
             .ok()
             .map(|m| m.index)
+    }
+
+    fn occupied_leaves(&self) -> Vec<u32> {
+        self.roster().members_iter().map(|m| m.index).collect()
     }
 }
 
@@ -80,11 +88,13 @@ impl Group {
     pub(crate) fn new(
         inner: mls_rs::Group<ClientConfig>,
         storage: InMemoryGroupStateStorage,
+        path_required: bool,
     ) -> Self {
         Self {
             inner,
             storage,
             removed: false,
+            pending_has_path: path_required,
         }
     }
 
@@ -184,6 +194,7 @@ impl Group {
             .as_ref()
             .map(|g| g.to_bytes())
             .transpose()?;
+        self.pending_has_path = output.commit_message.commit_path_leaf_node().is_some();
         let commit = match output.commit_message.to_bytes() {
             Ok(c) => c,
             Err(e) => {
@@ -206,8 +217,9 @@ impl Group {
                 "there is no pending commit",
             ));
         }
+        let has_path = self.pending_has_path;
         let desc = self.inner.apply_pending_commit()?;
-        commit_applied(&desc, &self.inner)
+        commit_applied(&desc, &self.inner, has_path)
     }
 
     pub fn discard_pending_commit(&mut self) {
@@ -219,12 +231,13 @@ impl Group {
     pub fn process_message(&mut self, message: &[u8]) -> Result<Received> {
         self.usable()?;
         let message = parse_message(message)?;
+        let has_path = message.commit_path_leaf_node().is_some();
         match self.inner.process_incoming_message(message)? {
             ReceivedMessage::Proposal(desc) => {
                 Ok(Received::Proposal(proposal_received(&desc, &self.inner)?))
             }
             ReceivedMessage::Commit(desc) => {
-                let applied = commit_applied(&desc, &self.inner)?;
+                let applied = commit_applied(&desc, &self.inner, has_path)?;
                 if applied.self_removed {
                     self.removed = true;
                 }

@@ -112,6 +112,10 @@ impl RosterView for ExternalGroup<ObserverConfig> {
             .ok()
             .map(|m| m.index)
     }
+
+    fn occupied_leaves(&self) -> Vec<u32> {
+        self.roster().members_iter().map(|m| m.index).collect()
+    }
 }
 
 impl ObservedGroup {
@@ -153,13 +157,16 @@ impl ObservedGroup {
     /// in livekit-mls must be public so it can be validated here.
     pub fn process_message(&mut self, message: &[u8]) -> Result<Received> {
         let message = parse_message(message)?;
+        let has_path = message.commit_path_leaf_node().is_some();
         match self.inner.process_incoming_message(message)? {
             ExternalReceivedMessage::Proposal(desc) => {
                 Ok(Received::Proposal(proposal_received(&desc, &self.inner)?))
             }
-            ExternalReceivedMessage::Commit(desc) => {
-                Ok(Received::Commit(commit_applied(&desc, &self.inner)?))
-            }
+            ExternalReceivedMessage::Commit(desc) => Ok(Received::Commit(commit_applied(
+                &desc,
+                &self.inner,
+                has_path,
+            )?)),
             ExternalReceivedMessage::Ciphertext(_) => Err(Error::validation(
                 "EncryptedHandshake",
                 "encrypted messages cannot be validated by the observer",

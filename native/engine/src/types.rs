@@ -98,6 +98,8 @@ pub struct CommitApplied {
     pub proposal_refs: Vec<Vec<u8>>,
     /// Types of the proposals the commit carried by value.
     pub by_value_proposals: Vec<&'static str>,
+    /// Whether the commit carried an UpdatePath (livekit-mls requires one on every commit).
+    pub has_path: bool,
 }
 
 /// What processing a message did.
@@ -122,6 +124,9 @@ pub(crate) trait RosterView {
 
     /// Leaf of a signing identity, in O(1) thanks to mls-rs `tree_index`.
     fn leaf_of(&self, signing_identity: &SigningIdentity) -> Option<u32>;
+
+    /// Leaf indices of every member, in leaf order.
+    fn occupied_leaves(&self) -> Vec<u32>;
 }
 
 /// Every member of a roster (leaf order).
@@ -163,10 +168,13 @@ pub(crate) fn proposal_received(
     })
 }
 
-/// Builds the typed result of a commit. `new_roster` resolves leaf indices in the new epoch.
+/// Builds the typed result of a commit. `new_roster` resolves leaf indices in the new
+/// epoch; for a member the commit removed, whose group stays at the prior epoch, it is the
+/// prior roster and the added members' leaves are worked out from it instead.
 pub(crate) fn commit_applied(
     desc: &CommitMessageDescription,
     new_roster: &dyn RosterView,
+    has_path: bool,
 ) -> Result<CommitApplied> {
     let (new_epoch, self_removed) = match &desc.effect {
         CommitEffect::NewEpoch(new_epoch) => (new_epoch, false),
@@ -183,6 +191,7 @@ pub(crate) fn commit_applied(
     let mut removed = Vec::new();
     let mut proposal_refs = Vec::new();
     let mut by_value_proposals = Vec::new();
+    let mut add_identities = Vec::new();
 
     for info in new_epoch.applied_proposals() {
         match &info.source {
@@ -190,21 +199,7 @@ pub(crate) fn commit_applied(
             _ => by_value_proposals.push(proposal_type_name(&info.proposal)),
         }
         match &info.proposal {
-            Proposal::Add(add) => {
-                let signing_identity = add.signing_identity();
-                let leaf_index = new_roster.leaf_of(signing_identity).ok_or_else(|| {
-                    Error::new(
-                        crate::error::ErrorKind::Internal,
-                        "AddedMemberNotFound",
-                        "an added member is missing from the new tree",
-                    )
-                })?;
-                added.push(Member {
-                    leaf_index,
-                    identity: identity_of(signing_identity)?,
-                    signature_key: signing_identity.signature_key.as_bytes().to_vec(),
-                });
-            }
+            Proposal::Add(add) => add_identities.push(add.signing_identity()),
             Proposal::Remove(remove) => {
                 if let Some(m) = new_epoch.prior_state().member_at_index(remove.to_remove()) {
                     removed.push(Member::from_mls(&m)?);
@@ -212,6 +207,29 @@ pub(crate) fn commit_applied(
             }
             _ => {}
         }
+    }
+
+    let mut free_leaves = if self_removed {
+        Some(FreeLeaves::after_removals(new_roster, &removed))
+    } else {
+        None
+    };
+    for signing_identity in add_identities {
+        let leaf_index = match free_leaves.as_mut() {
+            Some(free) => free.take(),
+            None => new_roster.leaf_of(signing_identity).ok_or_else(|| {
+                Error::new(
+                    crate::error::ErrorKind::Internal,
+                    "AddedMemberNotFound",
+                    "an added member is missing from the new tree",
+                )
+            })?,
+        };
+        added.push(Member {
+            leaf_index,
+            identity: identity_of(signing_identity)?,
+            signature_key: signing_identity.signature_key.as_bytes().to_vec(),
+        });
     }
 
     if desc.is_external {
@@ -229,7 +247,34 @@ pub(crate) fn commit_applied(
         self_removed,
         proposal_refs,
         by_value_proposals,
+        has_path,
     })
+}
+
+/// The leaves Adds will take, for a member removed by the commit (its group never moves
+/// to the new epoch). RFC 9420 §12.1.1: each Add, in commit order, takes the leftmost blank
+/// leaf after the commit's Removes, or extends the tree.
+struct FreeLeaves {
+    occupied: std::collections::BTreeSet<u32>,
+}
+
+impl FreeLeaves {
+    fn after_removals(prior_roster: &dyn RosterView, removed: &[Member]) -> Self {
+        let mut occupied: std::collections::BTreeSet<u32> =
+            prior_roster.occupied_leaves().into_iter().collect();
+        for member in removed {
+            occupied.remove(&member.leaf_index);
+        }
+        Self { occupied }
+    }
+
+    fn take(&mut self) -> u32 {
+        let leaf = (0..)
+            .find(|i| !self.occupied.contains(i))
+            .unwrap_or(u32::MAX);
+        self.occupied.insert(leaf);
+        leaf
+    }
 }
 
 /// Routing facts readable without any group state.
@@ -246,6 +291,8 @@ pub struct MessageInfo {
     pub cipher_suite: Option<u16>,
     /// For a Welcome: the KeyPackageRefs of its recipients.
     pub welcome_recipients: Vec<Vec<u8>>,
+    /// For a KeyPackage: its KeyPackageRef (RFC 9420 §5.2), how Welcomes name it.
+    pub key_package_ref: Option<Vec<u8>>,
 }
 
 pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
@@ -268,6 +315,7 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
         sender_index: None,
         cipher_suite: message.cipher_suite().map(u16::from),
         welcome_recipients: Vec::new(),
+        key_package_ref: None,
     };
     match message.description() {
         D::PublicProtocolMessage {
@@ -291,7 +339,15 @@ pub fn message_info(bytes: &[u8]) -> Result<MessageInfo> {
             info.welcome_recipients = key_package_refs.iter().map(|r| r.to_vec()).collect();
         }
         D::GroupInfo => info.wire_format = "group_info",
-        D::KeyPackage => info.wire_format = "key_package",
+        D::KeyPackage => {
+            info.wire_format = "key_package";
+            if let Some(suite) = info.cipher_suite {
+                let provider = crate::client::suite_provider(suite)?;
+                info.key_package_ref = message
+                    .key_package_reference(&provider)?
+                    .map(|r| r.to_vec());
+            }
+        }
     }
     Ok(info)
 }

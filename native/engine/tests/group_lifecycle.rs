@@ -2,20 +2,10 @@
 //! create with the DS as external sender, DS-issued Add and Remove proposals committed by
 //! a member, a Welcome, and everyone agreeing on exported secrets at every epoch.
 
-use mls_engine::{
-    Client, CommitApplied, ErrorKind, Group, ObservedGroup, Observer, Received, SignatureKeyPair,
-};
+mod common;
 
-fn client(name: &str) -> Client {
-    Client::new(name, SignatureKeyPair::generate(1).unwrap()).unwrap()
-}
-
-fn commit_of(received: Received) -> CommitApplied {
-    match received {
-        Received::Commit(c) => c,
-        other => panic!("expected a commit, got {other:?}"),
-    }
-}
+use common::{client, commit_of};
+use mls_engine::{ErrorKind, Group, ObservedGroup, Observer, SignatureKeyPair};
 
 fn secret(group: &Group, identity: &str) -> Vec<u8> {
     group

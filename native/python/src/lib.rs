@@ -189,6 +189,7 @@ struct CommitApplied {
     self_removed: bool,
     proposal_refs: Vec<Vec<u8>>,
     by_value_proposals: Vec<&'static str>,
+    has_path: bool,
 }
 
 #[pymethods]
@@ -248,6 +249,7 @@ fn commit_to_py(c: engine::CommitApplied) -> CommitApplied {
         self_removed: c.self_removed,
         proposal_refs: c.proposal_refs,
         by_value_proposals: c.by_value_proposals,
+        has_path: c.has_path,
     }
 }
 
@@ -262,6 +264,7 @@ struct MessageInfo {
     sender_index: Option<u32>,
     cipher_suite: Option<u16>,
     welcome_recipients: Vec<Vec<u8>>,
+    key_package_ref: Option<Vec<u8>>,
 }
 
 #[pymethods]
@@ -370,8 +373,15 @@ struct MlsClient {
 #[pymethods]
 impl MlsClient {
     #[new]
-    fn new(identity: &str, key_pair: &SignatureKeyPair) -> PyResult<Self> {
-        let inner = engine::Client::new(identity, key_pair.inner.clone()).map_err(to_py_err)?;
+    #[pyo3(signature = (identity, key_pair, *, require_update_path = true))]
+    fn new(
+        identity: &str,
+        key_pair: &SignatureKeyPair,
+        require_update_path: bool,
+    ) -> PyResult<Self> {
+        let inner =
+            engine::Client::with_update_path(identity, key_pair.inner.clone(), require_update_path)
+                .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -792,6 +802,7 @@ fn message_info(py: Python<'_>, message: &[u8]) -> PyResult<MessageInfo> {
         sender_index: info.sender_index,
         cipher_suite: info.cipher_suite,
         welcome_recipients: info.welcome_recipients,
+        key_package_ref: info.key_package_ref,
     })
 }
 
