@@ -112,7 +112,7 @@ SCENARIO ?= scenarios/leave-and-kill.yaml
 harness: $(VENV)/.native $(LIVEKIT_SERVER)  ## run a scenario: make harness SCENARIO=file.yaml
 	$(PY) -m mls_provider.testing.harness_cli --scenario $(SCENARIO)
 
-bench: $(VENV)/.native $(LIVEKIT_SERVER)  ## run every benchmark, rewrite docs/benchmarks.md
+bench: $(VENV)/.native $(LIVEKIT_SERVER) $(REDIS_SERVER)  ## run every benchmark, rewrite docs/benchmarks.md
 	$(PY) benchmarks/run_all.py
 
 .PHONY: clean

@@ -58,6 +58,21 @@ class _Load:
     stale = False
 
 
+def _log_orphaned_failure(room: str, task: asyncio.Future[Any]) -> None:
+    """Retrieves (and logs once, with context) the failure of a transaction whose caller
+    gave up waiting for it (e.g. a client's deadline while the store was unreachable)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, DeliveryError):
+        log.warning(
+            "room %r: a transaction failed after its caller had gone: %s: %s",
+            room,
+            type(error).__name__,
+            error,
+        )
+
+
 def is_idle(state: RoomState) -> bool:
     """No group and nobody waiting for one: nothing of the room needs to stay in memory."""
     return state.phase is Phase.EMPTY and not state.participants
@@ -193,7 +208,12 @@ class RoomManager:
         task = asyncio.ensure_future(self._transact(room, operation, ready))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # the caller is gone: nobody will see how the transaction ends but this log
+            task.add_done_callback(lambda t: _log_orphaned_failure(room, t))
+            raise
 
     async def _transact(
         self, room: str, operation: Callable[[RoomTx], Awaitable[T]], ready: set[str] | None

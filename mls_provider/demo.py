@@ -4,9 +4,10 @@ Starts a real livekit-server and the delivery service (embedded SQLite store) on
 then: alice, bob, carol and dave join one by one, each publishing a tone (an A major
 chord); carol leaves; dave's process is killed (no goodbye); dave joins again. Every change
 of membership rotates every participant's media key; the terminal shows who is in, the
-epoch, each rotation with its latency, the verification code, and who hears whom. It ends
-by itself (~40 s; ``--fast`` or ``LIVEKIT_MLS_DEMO_FAST=1``: ~30 s, most of it LiveKit
-noticing the killed participant) with exit status 0, or 1 if a check failed.
+epoch, each rotation with its latency, the verification code, and who hears whom. The killed
+participant is removed once its stream to the delivery service has been gone for 3 s (the
+DS's presence timeout). It ends by itself (~30 s; ``--fast`` or ``LIVEKIT_MLS_DEMO_FAST=1``:
+~20 s) with exit status 0, or 1 if a check failed.
 
 The demo is a built-in scenario (:mod:`mls_provider.testing.scenario`) run by
 :mod:`mls_provider.testing.runner`, with a friendlier presentation; ``livekit-mls-harness``
@@ -77,7 +78,8 @@ join one by one, each publishing a tone; carol leaves, dave's process is [red]ki
 goodbye) and dave comes back. Every change of membership [bold]rotates every participant's
 media key[/]: the table shows each one's epoch, the key index it sends with, how many of the
 others it hears (their tones decrypted and decoded) and the verification code people
-could compare. A killed participant is noticed by LiveKit after ~20 s.
+could compare. A killed participant is removed once its connection to the delivery
+service has been gone for 3 s (LiveKit itself would notice only after ~20 s).
 """
 
 

@@ -62,7 +62,7 @@ scenarios/leave-and-kill.yaml):
 what is measured, per join/leave/kill: the epoch it produced; rotation latency (request ->
 every remaining member executed the epoch); for removals the exposure window (the DS
 accepted the removing commit -> every remaining sender switched) and how long until the DS
-learned of it (a killed participant: LiveKit's ~20 s); decrypt failures (MISSING_KEY /
+learned of it (a killed participant: the DS's 3 s presence timeout); decrypt failures (MISSING_KEY /
 DECRYPTION_FAILED between members that should hear each other). The final check: all
 members converge on one epoch, roster and verification code, hold identical keys, and
 (livekit mode) everyone hears everyone's tone.

@@ -93,7 +93,7 @@ class EventRecord:
 
     @property
     def detection(self) -> float | None:
-        """Removals: request -> the DS learned of it (a webhook, for a kill)."""
+        """Removals: request -> the DS learned of it (presence or a webhook, for a kill)."""
         if self.removal_seen_at is None:
             return None
         return max(self.removal_seen_at - self.requested_at, 0.0)

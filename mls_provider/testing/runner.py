@@ -436,8 +436,8 @@ class ScenarioRunner:
                 if killed and not self.headless:
                     verb = "is" if len(killed) == 1 else "are"
                     self.observer.message(
-                        f"waiting for LiveKit to notice that {', '.join(killed)} {verb} gone "
-                        "(it gives a silent participant ~20 s)"
+                        f"waiting for the DS to notice that {', '.join(killed)} {verb} gone "
+                        "(its presence timeout: 3 s without an event stream)"
                     )
             await asyncio.sleep(0.05)
         return True

@@ -29,7 +29,7 @@ Scenario file (YAML; ``scenarios/leave-and-kill.yaml`` is a complete example)::
       - leave: carol         # graceful: leaves the MLS group, then the LiveKit room
       - kill: bob            # SIGKILL of bob's process (a name or a list, like leave)
       - wait: converged      # until every member executed the same epoch, same roster and
-        timeout: 40          #   code (LiveKit notices a killed participant after ~20 s)
+        timeout: 40          #   code (the DS removes a killed participant after 3 s)
       - check:               # members converge, agree on keys and code, hear each other
           expect_members: [alice]  # optional: the roster the room must end with
           expect_epoch: 4          # optional: the epoch it must end in

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -731,3 +732,44 @@ async def test_a_deadline_tick_that_fails_is_tried_again() -> None:
             e.commit_request for e in await env.events(head) if e.HasField("commit_request")
         ]
         assert [r.committer for r in requests] == ["alice"]
+
+
+async def test_a_transaction_whose_caller_gave_up_reports_its_failure_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client gives up (its call is cancelled) while its transaction waits on a store that
+    then fails: the failure is logged once with the room's name, not left as an
+    unretrieved task exception (seen with Redis down for seconds)."""
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    async with make_env(CONFIG) as env:
+        await env.grow("alice")
+        release = asyncio.Event()
+        save = env.store.save
+
+        async def slow_failing_save(*args: Any, **kwargs: Any) -> None:
+            await release.wait()
+            raise ConnectionError("store unreachable")
+
+        env.store.save = slow_failing_save  # type: ignore[method-assign]
+        call = asyncio.ensure_future(env.manager.leave(ROOM, "alice"))
+        await asyncio.sleep(0.05)
+        call.cancel()  # the client's deadline
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        release.set()
+        await wait_until(
+            lambda: any("caller had gone" in r.getMessage() for r in caplog.records),
+            timeout=5,
+            what="the orphaned failure logged",
+        )
+        env.store.save = save  # type: ignore[method-assign]
+    gc.collect()
+    await asyncio.sleep(0)
+    orphaned = [r.getMessage() for r in caplog.records if "caller had gone" in r.getMessage()]
+    assert orphaned == [
+        "room 'unit-room': a transaction failed after its caller had gone: "
+        "ConnectionError: store unreachable"
+    ]
+    assert not [c for c in unhandled if "never retrieved" in str(c.get("message"))]
