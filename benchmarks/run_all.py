@@ -58,6 +58,9 @@ BENCHMARKS = [
                             "--restarts", "5", "--blips", "10"], "reconnect.json"),
     Benchmark("chaos", [PY, "benchmarks/bench_chaos.py", "--seeds", "10", "--seconds", "60"],
               "chaos.json"),
+    Benchmark("hostile", ["env", "LIVEKIT_MLS_ATTACK_CASES=40", PY, "-m", "pytest",
+                          "tests/ds/test_hostile.py", "-q", "-k", "random_member",
+                          "-p", "no:cacheprovider"], "hostile.json"),
 ]  # fmt: skip
 
 
@@ -431,6 +434,29 @@ def section_chaos(data: dict[str, Any]) -> str:
     )
 
 
+def section_hostile(data: dict[str, Any]) -> str:
+    rows = []
+    worst = 0.0
+    for kind, samples in data["recovery_s"].items():
+        worst = max(worst, max(samples))
+        rows.append([kind, len(samples), f"{percentile(samples, 50):.2f} s",
+                     f"{max(samples):.2f} s"])  # fmt: skip
+    table = markdown_table(["attack by the designated committer", "cases", "p50", "max"], rows)
+    return (
+        f"`tests/ds/test_hostile.py` (random member attacks, seed {data['seed']}, "
+        f"{data['cases']} cases): in each, a fresh room of the attacker (the designated "
+        "committer) and three honest `MlsSession` members; a fourth joins and the attacker "
+        "commits it the wrong way (or floods updates, or reports falsely). Time from the "
+        "join to the honest members converged with identical keys. The in-process DS runs "
+        f"the test deadlines (commit and execute timeouts {data['commit_timeout_s']:g} s; "
+        "the defaults are 1 s): attacks the DS refuses cost one commit timeout, a member "
+        "that never acks costs an execute timeout; attacks only members can detect are "
+        "undone as soon as two members reported them.\n\n"
+        + table
+        + f"\n\nTarget: the room live again within 5 s: {status(worst <= 5.0)}.\n"
+    )
+
+
 SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("Binding overhead: Python vs plain Rust", "native", "native.json", section_native),
     ("Join latency and removal exposure window", "session", "session.json", section_session),
@@ -449,6 +475,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("Reconnecting after a DS restart; network blips", "reconnect", "reconnect.json",
      section_reconnect),
     ("Chaos", "chaos", "chaos.json", section_chaos),
+    ("Hostile members", "hostile", "hostile.json", section_hostile),
 ]  # fmt: skip
 
 

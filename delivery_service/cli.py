@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from delivery_service.auth import KeyHolderPolicy
 from delivery_service.limits import Limits
 from delivery_service.ordering import OrderingConfig
 from delivery_service.presence import DEFAULT_PRESENCE_TIMEOUT
@@ -26,8 +27,20 @@ from delivery_service.settings import Settings
 ENV_PREFIX = "LIVEKIT_MLS_DS_"
 
 
+MAX_LOGGED_CHARS = 2000
+
+
+def _bounded(text: str) -> str:
+    """Log fields are cut to a bound: a message may quote what a client sent (aiohttp's
+    parser errors quote the request line), and raw bytes from the network must not flood
+    or be replayed into the log."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_CHARS]}... ({len(text) - MAX_LOGGED_CHARS} more characters)"
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (+ exc)."""
+    """One JSON object per line: ts, level, logger, msg (+ exc), each field bounded."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -35,10 +48,10 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _bounded(record.getMessage()),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = _bounded(self.formatException(record.exc_info))
         return json.dumps(entry)
 
 
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LiveKit key ring size handed to clients (2..256)",
     )
     a(
+        "--key-holders",
+        choices=[p.value for p in KeyHolderPolicy],
+        default=_env("KEY_HOLDERS", KeyHolderPolicy.SUBSCRIBERS.value),
+        help="which LiveKit tokens may join the MLS group and so hold every member's media "
+        "key: 'subscribers' (canSubscribe not false, not hidden) or 'all' (any roomJoin "
+        "token, hidden recorders and agents included)",
+    )
+    a(
         "--presence-timeout",
         type=float,
         default=float(_env("PRESENCE_TIMEOUT", str(DEFAULT_PRESENCE_TIMEOUT))),
@@ -152,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(_env("BATCH_MAX_WAIT", str(d_order.batch_max_wait))),
         help="... or this long after the first pending Add (seconds)",
+    )
+    a(
+        "--update-interval",
+        type=float,
+        default=float(_env("UPDATE_INTERVAL", str(d_order.update_interval))),
+        help="a member may commit without pending proposals (an update) once per this many seconds",
+    )
+    a(
+        "--blame-cooldown",
+        type=float,
+        default=float(_env("BLAME_COOLDOWN", str(d_order.blame_cooldown))),
+        help="seconds a member whose commit others could not process may not join again",
     )
     a(
         "--max-commit-bytes",
@@ -218,6 +251,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch_quiet=args.batch_quiet,
         burst_quiet=args.burst_quiet,
         batch_max_wait=args.batch_max_wait,
+        update_interval=args.update_interval,
+        blame_cooldown=args.blame_cooldown,
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
@@ -235,6 +270,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         limits=limits,
         ordering=ordering,
         presence_timeout=args.presence_timeout,
+        key_holders=KeyHolderPolicy(args.key_holders),
     )
 
 

@@ -58,6 +58,13 @@ class RateLimited(DeliveryError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unavailable(DeliveryError):
+    """Something the answer depends on (LiveKit's RoomService, the store) cannot be asked
+    now: retry."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
 class OutOfRange(DeliveryError):
     """A stream cursor older than the retained log: join again."""
 

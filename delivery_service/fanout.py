@@ -23,10 +23,26 @@ class StreamClosed(Exception):
     """The server is shutting down: close the stream; the client resumes elsewhere."""
 
 
+class Replaced(Exception):
+    """A newer instance of the identity joined (another device): the newest wins."""
+
+
+class Removed(Exception):
+    """The identity is no longer in the room's group: it must join again to follow it."""
+
+
+class TokenExpired(Exception):
+    """The stream's access token expired: subscribe again with a fresh one."""
+
+
 class Subscription:
-    def __init__(self, room: str, identity: str, maxsize: int) -> None:
+    def __init__(
+        self, room: str, identity: str, maxsize: int, key_package_ref: bytes = b""
+    ) -> None:
         self.room = room
         self.identity = identity
+        # the key package of the client instance that opened the stream (empty: unknown)
+        self.key_package_ref = key_package_ref
         self._queue: asyncio.Queue[LogEntry | BaseException] = asyncio.Queue(maxsize)
         self._failed: BaseException | None = None
         self.on_fail: Callable[[BaseException], None] | None = None
@@ -54,6 +70,18 @@ class Subscription:
         if self.on_fail is not None:
             self.on_fail(error)
 
+    def end(self, error: BaseException) -> None:
+        """Ends the stream with ``error`` after the entries already queued (e.g. the
+        commit that removed the subscriber is still delivered)."""
+        if self._failed is not None:
+            return
+        self._failed = error
+        try:
+            self._queue.put_nowait(error)
+        except asyncio.QueueFull:
+            self._failed = None
+            self.fail(error)
+
     async def get(self) -> LogEntry:
         item = await self._queue.get()
         if isinstance(item, BaseException):
@@ -66,10 +94,13 @@ class Hub:
         self.queue_size = queue_size
         self._rooms: dict[str, set[Subscription]] = {}
 
-    def register(self, room: str, identity: str) -> Subscription:
-        sub = Subscription(room, identity, self.queue_size)
+    def register(self, room: str, identity: str, key_package_ref: bytes = b"") -> Subscription:
+        sub = Subscription(room, identity, self.queue_size, key_package_ref)
         self._rooms.setdefault(room, set()).add(sub)
         return sub
+
+    def subscriptions(self, room: str) -> list[Subscription]:
+        return list(self._rooms.get(room, ()))
 
     def unregister(self, sub: Subscription) -> None:
         subs = self._rooms.get(sub.room)

@@ -15,17 +15,26 @@ MIB = 1024 * KIB
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds on what one request may carry. A 1000-member group's Welcome and
-    GroupInfo (ratchet tree included) are ~0.3 MiB; the defaults leave room for more."""
+    GroupInfo (ratchet tree included) are ~0.3 MiB and a commit at most ~0.1 MiB; the
+    defaults leave room for ten times that. The transport accepts no message larger than
+    the largest legitimate request (``grpc_message``), so an oversized one is refused
+    before it is read."""
 
     key_package: int = 16 * KIB
-    commit: int = 2 * MIB
-    welcome: int = 8 * MIB
-    group_info: int = 8 * MIB
+    commit: int = 1 * MIB
+    welcome: int = 4 * MIB
+    group_info: int = 4 * MIB
     reason: int = 1 * KIB
-    grpc_message: int = 20 * MIB
+    identity: int = 1 * KIB
     # token bucket per (room, identity): sustained rate and burst of mutating calls
     rate_per_second: float = 50.0
     burst: int = 200
+
+    @property
+    def grpc_message(self) -> int:
+        """The largest request (SubmitCommit: commit + Welcome + GroupInfo) or stream event
+        (a Welcome), plus framing."""
+        return self.commit + self.welcome + self.group_info + 4 * KIB
 
     def check_size(self, field: str, value: bytes | str) -> None:
         limit: int = getattr(self, field)

@@ -60,6 +60,22 @@ class CommitRequestState:
 
 
 @dataclass
+class CommitRecord:
+    """The room's latest accepted commit, kept to weigh reports from members that could
+    not process it (docs/protocol.md, "Bad commits")."""
+
+    epoch: int  # the epoch it started
+    seq: int  # its log position
+    committer: str
+    # members that had to process it: in the group before and after it, not its committer
+    judges: list[str]
+    accepted_at: float
+    welcome_seq: int = 0  # log position of its Welcome (0: none)
+    added: list[str] = field(default_factory=list)
+    reporters: list[str] = field(default_factory=list)  # judges that could not process it
+
+
+@dataclass
 class RoomState:
     room: str
     version: int = 0
@@ -80,11 +96,27 @@ class RoomState:
     head: int = 0  # seq of the last log entry
     # sha256(commit) -> [seq, new epoch], for idempotent retries of an accepted commit
     accepted: dict[str, list[int]] = field(default_factory=dict)
+    last_commit: CommitRecord | None = None
+    reset_seq: int = 0  # log position of the latest reset (reports before it are stale)
+    # members not to designate for the next commit request (their Welcome failed)
+    avoid: list[str] = field(default_factory=list)
+    # identity -> until when it may not join (it committed what others could not process)
+    cooldown: dict[str, float] = field(default_factory=dict)
+    # identity -> when it last committed without pending proposals (an update)
+    updates: dict[str, float] = field(default_factory=dict)
 
     @property
     def transition_open(self) -> bool:
         """A commit was accepted and its epoch is not executed yet."""
         return self.phase is Phase.ACTIVE and self.executed_epoch < self.epoch
+
+    @property
+    def disputed(self) -> bool:
+        """Members reported that they cannot process the open transition's commit."""
+        c = self.last_commit
+        return (
+            self.transition_open and c is not None and c.epoch == self.epoch and bool(c.reporters)
+        )
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), default=_encode, separators=(",", ":")).encode()
@@ -97,6 +129,8 @@ class RoomState:
         raw["pending"] = [PendingProposal(**p) for p in raw["pending"]]
         if raw["commit_request"] is not None:
             raw["commit_request"] = CommitRequestState(**raw["commit_request"])
+        if raw.get("last_commit") is not None:
+            raw["last_commit"] = CommitRecord(**raw["last_commit"])
         return cls(**raw)
 
 

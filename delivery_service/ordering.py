@@ -19,8 +19,15 @@ import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from delivery_service.errors import EpochConflict, InvalidRequest, NotFound, PermissionDenied
+from delivery_service.errors import (
+    EpochConflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+)
 from delivery_service.model import (
+    CommitRecord,
     CommitRequestState,
     LogEntry,
     Participant,
@@ -54,6 +61,11 @@ class OrderingConfig:
     # During a burst (some pending Adds were held back while the previous commit ran) the
     # quiet window is longer, so a hiccup in the stream of joins does not cost an epoch.
     burst_quiet: float = 0.15
+    # a member may commit without pending proposals (an update) once per this many seconds
+    update_interval: float = 10.0
+    # a committer whose commit independent members could not process may not join again
+    # for this long
+    blame_cooldown: float = 30.0
 
 
 KeyPackageLoader = Callable[[bytes], Awaitable[bytes | None]]
@@ -155,6 +167,12 @@ class CommitOrdering:
                 f"{self.config.cipher_suite}"
             )
         state = tx.state
+        until = state.cooldown.get(identity, 0.0)
+        if until > tx.now:
+            raise PermissionDenied(
+                f"{identity!r} made a commit other members could not process; it may join "
+                f"again in {until - tx.now:.0f} s"
+            )
         previous = state.participants.get(identity)
         if previous is not None and previous.kp_ref == info.reference:
             # an idempotent retry of the same upload
@@ -165,6 +183,10 @@ class CommitOrdering:
         tx.put_key_packages[info.reference] = key_package
         tx.changed()
         cursor = tx.start_head
+        if state.phase is Phase.CREATING and state.creator == identity:
+            # the named creator joined again (e.g. after a failure report): its stream
+            # starts at this cursor, after the CreateGroup naming it; name it once more
+            self._request_creation(tx)
         await self._reconcile(tx)
         return pb.JoinResponse(config=self.room_config(state), cursor=cursor)
 
@@ -239,7 +261,9 @@ class CommitOrdering:
             raise InvalidRequest(f"commit is not an MLS message: {e}") from e
         if (info.wire_format, info.content_type) != ("public_message", "commit"):
             raise InvalidRequest("commit must be a commit in a PublicMessage")
-        if info.epoch != state.epoch or info.group_id != state.group_id:
+        if info.group_id != state.group_id:
+            raise InvalidRequest("the commit is for another group than the room's")
+        if info.epoch != state.epoch:
             raise EpochConflict(
                 f"stale commit: the room's group is at epoch {state.epoch}", state.epoch
             )
@@ -264,6 +288,30 @@ class CommitOrdering:
                 "(path_required, docs/protocol.md §1)"
             )
         self._check_committer(state, before, applied, identity)
+        request = state.commit_request
+        if state.pending and not applied.is_external:
+            # pending proposals are committed by the member the DS designated (anyone,
+            # once every designee was passed over): another member's commit of them is
+            # refused, so a hostile member cannot race the designee to commit them
+            if request is None or request.epoch != state.epoch:
+                raise EpochConflict(
+                    f"no commit of epoch {state.epoch} is requested yet; wait for the "
+                    "commit request",
+                    state.epoch,
+                )
+            if request.committer and request.committer != identity:
+                raise EpochConflict(
+                    f"{request.committer!r} is designated to commit epoch {state.epoch}",
+                    state.epoch,
+                )
+        if not state.pending and not applied.is_external:
+            last = state.updates.get(identity)
+            if last is not None and tx.now < last + self.config.update_interval:
+                raise RateLimited(
+                    "commits without pending proposals (updates) are limited to one per "
+                    f"{self.config.update_interval:g} s per member; retry in "
+                    f"{last + self.config.update_interval - tx.now:.1f} s"
+                )
         missing = {p.ref for p in state.pending} - set(applied.proposal_refs)
         if missing:
             raise EpochConflict(
@@ -298,6 +346,13 @@ class CommitOrdering:
                 )
 
         # accepted: from here on nothing can fail
+        if not state.pending and not applied.is_external:
+            state.updates[identity] = tx.now
+        judges = [
+            m.identity
+            for m in before.members()
+            if m.identity != identity and m.identity not in removed
+        ]
         if group_info:
             state.group_info = group_info
         add_refs = {p.identity: p.kp_ref for p in state.pending if p.kind == "add"}
@@ -311,6 +366,7 @@ class CommitOrdering:
         state.epoch = applied.epoch
         state.pending = []
         state.commit_request = None
+        state.avoid = []
         state.phase_since = tx.now
         tx.observed = candidate
         tx.observed_changed = True
@@ -320,8 +376,9 @@ class CommitOrdering:
             )
         )
         welcomed = tuple(a for a in added if a != identity)
+        welcome_seq = 0
         if welcomed and not applied.is_external:
-            tx.emit(
+            welcome_seq = tx.emit(
                 welcome=pb.Welcome(
                     epoch=applied.epoch,
                     message=welcome,
@@ -330,6 +387,15 @@ class CommitOrdering:
                 ),
                 recipients=welcomed,
             )
+        state.last_commit = CommitRecord(
+            epoch=applied.epoch,
+            seq=seq,
+            committer=identity,
+            judges=judges,
+            accepted_at=tx.now,
+            welcome_seq=welcome_seq,
+            added=list(welcomed),
+        )
         self._remember_accepted(state, digest, seq, applied.epoch)
         await self._reconcile(tx)
         return pb.SubmitCommitResponse(seq=seq, epoch=applied.epoch)
@@ -378,10 +444,108 @@ class CommitOrdering:
 
     async def execute_if_ready(self, tx: RoomTx, epoch: int) -> None:
         """Executes the open transition to ``epoch`` once every reachable member acked it
-        (``tx.ready``)."""
+        (``tx.ready``); a disputed commit is judged first."""
         state = tx.state
-        if state.transition_open and state.epoch == epoch and self._everyone_ready(tx):
+        if not state.transition_open or state.epoch != epoch:
+            return
+        if state.disputed and await self._judge(tx) != "reporter":
+            return  # still waiting for verdicts, or the generation was reset
+        if self._everyone_ready(tx):
             await self._execute(tx)
+
+    async def report_failure(self, tx: RoomTx, identity: str, seq: int, reason: str) -> str:
+        """A member could not process the event at ``seq``. Returns what the DS concluded:
+
+        * ``"dispute"``: it is a member that had to process the room's latest commit, whose
+          transition is still open; the report is weighed with the others' (``_judge``);
+        * ``"welcome"``: it could not use the Welcome of the latest commit: its leaf is
+          removed and its next Add is not committed by the same member;
+        * ``"stale"``: about a generation that was retired since: nothing to do;
+        * ``"leaf"``: anything else (an older commit, a proposal, a commit everyone else
+          confirmed): its own state is broken, its leaf is removed.
+
+        The reporter joins again with a new key package in every case.
+        """
+        state = tx.state
+        if seq and seq <= state.reset_seq:
+            return "stale"  # about a retired generation: the reporter joins the new one
+        commit = state.last_commit
+        if (
+            commit is not None
+            and seq == commit.seq
+            and identity in commit.judges
+            and state.transition_open
+            and state.epoch == commit.epoch
+        ):
+            if identity not in commit.reporters:
+                commit.reporters.append(identity)
+                tx.changed()
+            verdict = await self._judge(tx)
+            return "dispute" if verdict is None else f"dispute: {verdict}"
+        if commit is not None and seq and seq == commit.welcome_seq and identity in commit.added:
+            if commit.committer != identity:
+                state.avoid = [commit.committer]
+            await self.leave(tx, identity)
+            return "welcome"
+        await self.leave(tx, identity)
+        return "leaf"
+
+    async def _judge(self, tx: RoomTx) -> str | None:
+        """Weighs the reports about the open transition's commit (docs/protocol.md, "Bad
+        commits") and acts; None while verdicts are still due.
+
+        * two or more judges could not process it: the commit is bad. A new generation
+          starts without its committer, who may not join again for ``blame_cooldown``;
+        * one could, and another confirmed it (Ready): the reporter's own state is broken;
+          the transition goes on (its re-join replaces its leaf);
+        * one could not and nobody confirmed: nobody can be blamed (one member's word
+          against another's): a new generation, nobody removed.
+
+        No single member's reports can get another member removed.
+        """
+        state = tx.state
+        commit = state.last_commit
+        if commit is None or not state.disputed:
+            return None
+        bad = set(commit.reporters)
+        good = (tx.ready or set()) & (set(commit.judges) - bad)
+        waiting = [j for j in commit.judges if j not in bad | good and tx.reachable(j)]
+        deadline = commit.accepted_at + self.config.execute_timeout
+        if len(bad) >= 2:
+            verdict = "committer"
+        elif waiting and tx.now < deadline:
+            return None
+        elif good:
+            verdict = "reporter"
+        else:
+            verdict = "ambiguous"
+        failed = ", ".join(sorted(bad))
+        if verdict == "committer":
+            gone = state.participants.pop(commit.committer, None)
+            if gone is not None and not self._kp_in_use(state, gone):
+                tx.drop_key_packages.add(gone.kp_ref)
+            state.cooldown[commit.committer] = tx.now + self.config.blame_cooldown
+            await self._reset(
+                tx,
+                f"{failed} could not process the commit of {commit.committer!r} for epoch "
+                f"{commit.epoch - 1}: the group starts again without it",
+                avoid=commit.committer,
+            )
+        elif verdict == "ambiguous":
+            await self._reset(
+                tx,
+                f"{failed} could not process the commit of {commit.committer!r} for epoch "
+                f"{commit.epoch - 1} and no other member confirmed it: the group starts again",
+                avoid=commit.committer,
+            )
+        else:
+            commit.reporters = []
+            tx.changed()
+            for name in bad:  # a reporter that has not joined again: its leaf is unusable
+                participant = state.participants.get(name)
+                if participant is not None and state.members.get(name) == participant.kp_ref:
+                    await self.leave(tx, name)
+        return verdict
 
     @staticmethod
     def all_ready(
@@ -424,27 +588,64 @@ class CommitOrdering:
             if gone is not None:
                 tx.drop_key_packages.add(gone.kp_ref)
             await self._reset(tx, "the creator did not create the group in time")
-        elif state.transition_open and (
-            tx.now >= state.phase_since + cfg.execute_timeout or self._everyone_ready(tx)
-        ):
-            await self._execute(tx)
+        elif state.disputed:
+            if await self._judge(tx) == "reporter" and self._transition_due(tx):
+                await self._execute(tx)
+        elif state.transition_open:
+            if self._transition_due(tx):
+                await self._execute(tx)
+        elif self._anyone_request_expired(tx):
+            await self._reset(tx, "no member committed the pending proposals", avoid="")
         else:
             await self._request_commit(tx)
         return vanished
 
-    def next_deadline(self, state: RoomState) -> float | None:
+    def _transition_due(self, tx: RoomTx) -> bool:
+        """Every reachable member is ready, or the execute deadline passed — unless no
+        member that had to process the commit confirmed it yet while some could: then
+        it waits up to three deadlines for their Ready or their reports (a commit nobody
+        can process must not execute because its reports came late)."""
+        state, cfg = tx.state, self.config
+        if self._everyone_ready(tx):
+            return True
+        if tx.now < state.phase_since + cfg.execute_timeout:
+            return False
+        commit = state.last_commit
+        if commit is None or commit.epoch != state.epoch or tx.ready is None:
+            return True
+        judges = [j for j in commit.judges if tx.reachable(j)]
+        confirmed = any(j in tx.ready for j in judges)
+        if confirmed or not judges:
+            return True
+        return tx.now >= state.phase_since + 3 * cfg.execute_timeout
+
+    def _anyone_request_expired(self, tx: RoomTx) -> bool:
+        """Every member was passed over and nobody committed for two commit timeouts."""
+        request = tx.state.commit_request
+        return (
+            request is not None
+            and request.epoch == tx.state.epoch
+            and request.committer == ""
+            and request.refs == [p.ref for p in tx.state.pending]
+            and tx.now >= request.at + 2 * self.config.commit_timeout
+        )
+
+    def next_deadline(self, state: RoomState, now: float) -> float | None:
         cfg = self.config
         if state.phase is Phase.CREATING:
             return state.phase_since + cfg.create_timeout
         if state.phase is not Phase.ACTIVE:
             return None
         if state.transition_open:
-            return state.phase_since + cfg.execute_timeout
+            # the execute deadline, then (a commit nobody confirmed yet) the next ones, up
+            # to three: the tick decides with the ready acks (_transition_due)
+            steps = min(3, int(max(0.0, now - state.phase_since) // cfg.execute_timeout) + 1)
+            return state.phase_since + steps * cfg.execute_timeout
         if not state.pending:
             return None
         request = state.commit_request
         if request is not None and request.refs == [p.ref for p in state.pending]:
-            return request.at + cfg.commit_timeout if request.committer else None
+            return request.at + cfg.commit_timeout * (1 if request.committer else 2)
         return self._batch_due(state)
 
     # ---- internals -----------------------------------------------------------------
@@ -489,6 +690,8 @@ class CommitOrdering:
     async def _reconcile(self, tx: RoomTx) -> None:
         """Proposes what makes the group's roster match ``participants``."""
         state = tx.state
+        if state.disputed:
+            return  # nothing changes until the disputed commit is judged
         if state.phase is Phase.EMPTY:
             if state.participants:
                 await self._start_generation(tx, "")
@@ -580,7 +783,7 @@ class CommitOrdering:
                 # The designee stayed silent: designate the next member, so that a room of
                 # hundreds does not commit all at once; after everyone, anyone may.
                 passed = [*request.passed, request.committer]
-                committer = self._designated_committer(tx, exclude=frozenset(passed))
+                committer = self._designated_committer(tx, exclude=frozenset(passed + state.avoid))
                 state.commit_request = CommitRequestState(
                     state.epoch, committer, refs, tx.now, passed
                 )
@@ -597,22 +800,29 @@ class CommitOrdering:
         state.commit_request = CommitRequestState(state.epoch, committer, refs, tx.now, passed)
         tx.emit(commit_request=pb.CommitRequest(epoch=state.epoch, committer=committer))
 
-    async def _start_generation(self, tx: RoomTx, reason: str) -> None:
-        """Asks the longest-waiting participant to create a new group."""
+    async def _start_generation(self, tx: RoomTx, reason: str, avoid: str = "") -> None:
+        """Asks the longest-waiting participant (not ``avoid``, if another is waiting) to
+        create a new group."""
         state = tx.state
-        creator = min(state.participants.values(), key=lambda p: p.joined_at).identity
+        waiting = [p for p in state.participants.values() if p.identity != avoid]
+        creator = min(waiting or state.participants.values(), key=lambda p: p.joined_at).identity
         state.phase = Phase.CREATING
         state.creator = creator
         state.phase_since = tx.now
         state.group_id = group_id_for(state.room, state.generation)
+        self._request_creation(tx)
+
+    def _request_creation(self, tx: RoomTx) -> None:
+        state = tx.state
         tx.emit(
             create_group=pb.CreateGroup(
-                creator=creator, group_id=state.group_id, config=self.room_config(state)
+                creator=state.creator, group_id=state.group_id, config=self.room_config(state)
             ),
         )
 
-    async def _reset(self, tx: RoomTx, reason: str) -> None:
-        """Retires the current generation; participants waiting get a new group."""
+    async def _reset(self, tx: RoomTx, reason: str, avoid: str = "") -> None:
+        """Retires the current generation; participants waiting get a new group (created
+        by anyone but ``avoid`` if possible)."""
         state = tx.state
         state.generation += 1
         state.phase = Phase.EMPTY
@@ -626,8 +836,10 @@ class CommitOrdering:
         state.members = {}
         state.pending = []
         state.commit_request = None
+        state.last_commit = None
+        state.avoid = []
         tx.observed = None
         tx.observed_changed = True
-        tx.emit(reset=pb.GroupReset(generation=state.generation, reason=reason))
+        state.reset_seq = tx.emit(reset=pb.GroupReset(generation=state.generation, reason=reason))
         if state.participants:
-            await self._start_generation(tx, reason)
+            await self._start_generation(tx, reason, avoid)

@@ -25,7 +25,7 @@ from delivery_service.errors import (
     OutOfRange,
     VersionConflict,
 )
-from delivery_service.fanout import Hub
+from delivery_service.fanout import Hub, Removed, Replaced, TokenExpired
 from delivery_service.metrics import Metrics
 from delivery_service.model import LogEntry, Phase, RoomState
 from delivery_service.ordering import CommitOrdering, RoomTx
@@ -273,6 +273,8 @@ class RoomManager:
 
     def _after_write(self, room: str, tx: RoomTx) -> None:
         self.hub.publish(room, tx.entries)
+        if tx.state_changed:
+            self._enforce_streams(room, tx.state)
         if is_idle(tx.state):
             self._rooms.pop(room, None)
             self._published.pop(room, None)
@@ -288,13 +290,34 @@ class RoomManager:
                 self.metrics.proposals_issued.labels(proposal_kind).inc()
         self._schedule(room, tx.state)
 
+    def _enforce_streams(self, room: str, state: RoomState) -> None:
+        """Ends the streams that may no longer follow the room: of identities neither
+        joined nor in the group (after what was already queued for them, e.g. the commit
+        that removed them), and of client instances a newer one of the same identity
+        replaced (the newest connection of an identity wins, as in LiveKit)."""
+        for sub in self.hub.subscriptions(room):
+            participant = state.participants.get(sub.identity)
+            if participant is None and sub.identity not in state.members:
+                sub.end(Removed(f"{sub.identity!r} is no longer in the room's group; join again"))
+            elif (
+                participant is not None
+                and sub.key_package_ref
+                and sub.key_package_ref != participant.kp_ref
+            ):
+                sub.fail(
+                    Replaced(
+                        f"a newer connection of {sub.identity!r} joined the room; this one "
+                        "was replaced"
+                    )
+                )
+
     # ---- deadlines -----------------------------------------------------------------
 
     def _schedule(self, room: str, state: RoomState) -> None:
         timer = self._timers.pop(room, None)
         if timer is not None:
             timer.cancel()
-        deadlines = [self.ordering.next_deadline(state)]
+        deadlines = [self.ordering.next_deadline(state, self.clock())]
         if self.presence is not None and state.participants:
             # when a participant without a stream counts as gone
             deadlines.append(self.presence.view(room).next_expiry(state.participants))
@@ -387,6 +410,21 @@ class RoomManager:
             if await self.transact(room, execute, ready=ready):
                 self.metrics.transitions.labels("all_ready").inc()
 
+    async def report_failure(self, room: str, identity: str, seq: int, reason: str) -> str:
+        """A member could not process the event at ``seq``; returns what the DS concluded
+        (``CommitOrdering.report_failure``)."""
+        state = (await self._load(room)).state
+        if identity not in state.participants and identity not in state.members:
+            raise NotFound(f"{identity!r} has not joined room {room!r}")
+        ready = None
+        if state.transition_open:
+            ready = await self.store.ready_acks(room, state.generation, state.epoch)
+        return await self.transact(
+            room,
+            lambda tx: self.ordering.report_failure(tx, identity, seq, reason),
+            ready=ready,
+        )
+
     async def leave(self, room: str, identity: str, *, left_at: float | None = None) -> bool:
         return await self.transact(
             room, lambda tx: self.ordering.leave(tx, identity, left_at=left_at)
@@ -408,17 +446,37 @@ class RoomManager:
         identity: str,
         after: int,
         on_fail: Callable[[BaseException], None] | None = None,
+        *,
+        key_package_ref: bytes = b"",
+        expires_at: float | None = None,
     ) -> AsyncIterator[LogEntry]:
         """The entries after ``after`` that ``identity`` may see, then live ones.
 
         Ends with :class:`~delivery_service.fanout.SlowSubscriber` if the reader falls
-        behind; ``on_fail`` is called at once in that case (the reader may be stuck
-        writing to a client that stopped reading).
+        behind (``on_fail`` is called at once in that case: the reader may be stuck
+        writing to a client that stopped reading); with ``Replaced`` when a newer instance
+        of the identity joined (``key_package_ref`` names this instance's key package);
+        with ``Removed`` once the identity is out of the group; with ``TokenExpired`` at
+        ``expires_at`` (wall-clock time the caller's token expires).
         """
-        if not await self.is_participant(room, identity):
+        state = (await self._load(room)).state
+        participant = state.participants.get(identity)
+        if participant is None and identity not in state.members:
             raise NotFound(f"{identity!r} has not joined room {room!r}; call Join first")
-        sub = self.hub.register(room, identity)
+        if participant is not None and key_package_ref and key_package_ref != participant.kp_ref:
+            raise Replaced(
+                f"a newer connection of {identity!r} joined the room; this one was replaced"
+            )
+        sub = self.hub.register(room, identity, key_package_ref)
         sub.on_fail = on_fail
+        expiry = None
+        if expires_at is not None:
+            loop = asyncio.get_running_loop()
+            expiry = loop.call_at(
+                loop.time() + max(0.0, expires_at - time.time()),
+                sub.fail,
+                TokenExpired("the access token expired; subscribe again with a fresh one"),
+            )
         self.metrics.subscribers.set(self.hub.subscriber_count)
         if self.presence is not None:
             self.presence.opened(room, identity)
@@ -459,6 +517,8 @@ class RoomManager:
                 if entry.visible_to(identity):
                     yield entry
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.hub.unregister(sub)
             self.metrics.subscribers.set(self.hub.subscriber_count)
             if self.presence is not None:
@@ -509,6 +569,7 @@ class RoomManager:
                         head,
                     )
                     cached = await self._load(room)
+                    self._enforce_streams(room, cached.state)
                     if is_idle(cached.state):
                         self._published.pop(room, None)
                     elif entries:

@@ -121,7 +121,14 @@ class DeliveryServer:
             self._presence = LiveKitPresence(s.livekit_url, s.livekit_api_key, s.livekit_api_secret)
         register(
             self._grpc,
-            DeliveryServicer(self.manager, authenticator, s.limits, self.metrics, self._presence),
+            DeliveryServicer(
+                self.manager,
+                authenticator,
+                s.limits,
+                self.metrics,
+                self._presence,
+                s.key_holders,
+            ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(

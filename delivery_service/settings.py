@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from delivery_service.auth import KeyHolderPolicy
 from delivery_service.limits import Limits
 from delivery_service.ordering import OrderingConfig
 from delivery_service.presence import DEFAULT_PRESENCE_TIMEOUT
@@ -30,6 +31,8 @@ class Settings:
     tls_client_ca: str = ""
     limits: Limits = field(default_factory=Limits)
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
+    # which tokens may join the MLS group (become key holders)
+    key_holders: KeyHolderPolicy = KeyHolderPolicy.SUBSCRIBERS
     # seconds a member's event stream may be gone before it is removed (0: presence off)
     presence_timeout: float = DEFAULT_PRESENCE_TIMEOUT
     log_retention: int = DEFAULT_LOG_RETENTION

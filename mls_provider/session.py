@@ -44,6 +44,7 @@ from mls_provider.transport import (
     InvalidRequest,
     NotJoined,
     PermissionDenied,
+    Replaced,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -117,6 +118,8 @@ class MlsSession(EventEmitter):
     * ``"member_rejected"`` (identity) — ``accept_member`` refused an added identity;
     * ``"removed"`` (reason) — we were removed from the group;
     * ``"rejoining"`` (reason) — joining again with a new key package;
+    * ``"replaced"`` (reason) — a newer connection of our identity joined the room (another
+      device): the session stopped and does not join again;
     * ``"error"`` (exception) — a fatal error; the session stopped.
     """
 
@@ -204,7 +207,7 @@ class MlsSession(EventEmitter):
         backoff = self.config.retry_initial
         while not self._stopping:
             try:
-                async for event in self.ds.subscribe(self.cursor):
+                async for event in self.ds.subscribe(self.cursor, self._key_package_ref):
                     backoff = self.config.retry_initial
                     restart = await self._handle(event)
                     if restart:
@@ -219,7 +222,23 @@ class MlsSession(EventEmitter):
                 backoff = min(backoff * 2, self.config.retry_max)
             except (CursorTooOld, NotJoined) as e:
                 await self._rejoin(f"stream refused: {e.message}")
-            except (Unauthenticated, PermissionDenied, SessionError) as e:
+            except Replaced as e:
+                log.info("%s: replaced: %s", self.identity, e.message)
+                self._drop_group()
+                self._stopping = True
+                self.emit("replaced", e.message)
+                return
+            except Unauthenticated as e:
+                if self.ds.has_fresh_token() and not self._stopping:
+                    # our token expired under an open stream: the next call takes a fresh one
+                    log.info("%s: stream ended (%s); resuming", self.identity, e.message)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.retry_max)
+                    continue
+                log.error("%s: fatal: %s", self.identity, e)
+                self.emit("error", e)
+                return
+            except (PermissionDenied, SessionError) as e:
                 log.error("%s: fatal: %s", self.identity, e)
                 self.emit("error", e)
                 return
@@ -258,7 +277,10 @@ class MlsSession(EventEmitter):
             elif kind == "execute":
                 await self._on_execute(group, event.execute.epoch)
         except mls.MlsError as e:
-            await self._report_and_rejoin(f"cannot process {kind} at seq {event.seq}: {e}")
+            reason = f"cannot process {kind} at seq {event.seq}: {e}"
+            # an epoch mismatch says we are behind, not that the message is bad
+            seq = 0 if isinstance(e, mls.EpochError) else event.seq
+            await self._report_and_rejoin(reason, seq)
             return True
         return False
 
@@ -476,11 +498,13 @@ class MlsSession(EventEmitter):
         self.emit("rejoining", reason)
         await self._join()
 
-    async def _report_and_rejoin(self, reason: str) -> None:
+    async def _report_and_rejoin(self, reason: str, seq: int) -> None:
+        """Tells the DS which event we could not process (it weighs reports about a commit
+        against the other members': docs/protocol.md, "Bad commits"), then joins again."""
         log.warning("%s: %s", self.identity, reason)
         epoch = self.group.epoch if self.group is not None else 0
         with contextlib.suppress(DeliveryServiceError):
-            await self._retry(lambda: self.ds.report_failure(epoch, reason))
+            await self._retry(lambda: self.ds.report_failure(epoch, reason, seq))
         await self._rejoin(reason)
 
     def _drop_group(self) -> None:

@@ -9,11 +9,13 @@ session can tell "retry after processing the stream" (:class:`EpochConflict`) fr
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
 import grpc
+import jwt
 
 from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.proto import delivery_pb2_grpc as pb_grpc
@@ -61,6 +63,11 @@ class InvalidRequest(DeliveryServiceError):
     """INVALID_ARGUMENT: the DS rejected the MLS content."""
 
 
+class Replaced(DeliveryServiceError):
+    """ABORTED: a newer connection of this identity joined the room (another device):
+    this one must stop, without joining again."""
+
+
 class ResourceExhausted(DeliveryServiceError):
     """Too large, too fast, or (on a stream) fell behind: back off and resume."""
 
@@ -75,6 +82,7 @@ _ERRORS: dict[grpc.StatusCode, type[DeliveryServiceError]] = {
     grpc.StatusCode.NOT_FOUND: NotJoined,
     grpc.StatusCode.OUT_OF_RANGE: CursorTooOld,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.ABORTED: Replaced,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.CANCELLED: Unavailable,
@@ -211,18 +219,32 @@ class DeliveryClient:
     async def leave(self, timeout: float | None = None) -> None:
         await self._call(self.stub.Leave, pb.LeaveRequest(), timeout)
 
-    async def report_failure(self, epoch: int, reason: str) -> None:
-        await self._call(
-            self.stub.ReportFailure, pb.ReportFailureRequest(epoch=epoch, reason=reason[:500])
-        )
+    async def report_failure(self, epoch: int, reason: str, seq: int = 0) -> None:
+        request = pb.ReportFailureRequest(epoch=epoch, reason=reason[:500], seq=seq)
+        await self._call(self.stub.ReportFailure, request)
 
     async def report_disconnect(self, identity: str) -> None:
         await self._call(self.stub.ReportDisconnect, pb.ReportDisconnectRequest(identity=identity))
 
-    async def subscribe(self, after: int) -> AsyncIterator[pb.RoomEvent]:
-        """The room's events after ``after``; raises a typed error when the stream ends."""
+    def has_fresh_token(self) -> bool:
+        """Whether the token source hands out a token that has not expired yet (a
+        callable source renews it; a fixed token cannot be renewed once it expired)."""
+        if not callable(self._token):
+            return False
+        try:
+            claims = jwt.decode(self._token(), options={"verify_signature": False})
+            return float(claims["exp"]) > time.time()
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+            return False
+
+    async def subscribe(
+        self, after: int, key_package_ref: bytes = b""
+    ) -> AsyncIterator[pb.RoomEvent]:
+        """The room's events after ``after``; raises a typed error when the stream ends.
+        ``key_package_ref`` names this client instance (the newest instance of an
+        identity wins: an older one's stream ends with :class:`Replaced`)."""
         call = self.stub.Subscribe(
-            pb.SubscribeRequest(after=after),
+            pb.SubscribeRequest(after=after, key_package_ref=key_package_ref),
             metadata=self._metadata(),
             wait_for_ready=self.wait_for_ready,
         )

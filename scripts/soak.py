@@ -27,6 +27,7 @@ SUITES = [
     "tests/test_chaos.py",
     "tests/ds/test_race.py",
     "tests/ds/test_presence.py",
+    "tests/ds/test_hostile.py",
     "tests/test_session.py",
     "tests/redis/test_redis_cluster.py",
     "tests/redis/test_redis_persistence.py",

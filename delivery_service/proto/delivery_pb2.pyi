@@ -166,16 +166,23 @@ class SubscribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_FIELD_NUMBER: _builtins.int
+    KEY_PACKAGE_REF_FIELD_NUMBER: _builtins.int
     after: _builtins.int
     """Last sequence number already received (0 = from the start of the retained log)."""
+    key_package_ref: _builtins.bytes
+    """KeyPackageRef of the key package this client instance uploaded last. When a newer
+    instance of the same identity joins (another device), the DS ends this stream with
+    ABORTED: the newest connection of an identity wins, as in LiveKit.
+    """
     def __init__(
         self,
         *,
         after: _builtins.int = ...,
+        key_package_ref: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "key_package_ref", b"key_package_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -568,17 +575,22 @@ class ReportFailureRequest(_message.Message):
 
     EPOCH_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """The caller's epoch when it failed."""
     reason: _builtins.str
+    seq: _builtins.int
+    """Log position of the event it could not process (0: none in particular)."""
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
         reason: _builtins.str = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "reason", b"reason", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

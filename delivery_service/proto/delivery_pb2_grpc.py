@@ -128,8 +128,11 @@ class DeliveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportFailure(self, request, context):
-        """The caller failed to process a message: the DS removes its leaf and the caller
-        joins again with a new KeyPackage.
+        """The caller failed to process an event of the stream (`seq`): a commit, a Welcome or a
+        proposal. The caller then joins again with a new KeyPackage. Reports about the
+        room's latest commit are weighed against the other members' (see docs/protocol.md,
+        "Bad commits"): a commit that independent members cannot process is undone by a new
+        generation without its committer; a lone report only removes the reporter's leaf.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

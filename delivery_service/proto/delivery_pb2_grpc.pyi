@@ -66,8 +66,11 @@ class DeliveryServiceStub:
     Leave: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.LeaveRequest, _delivery_pb2.LeaveResponse]
     """The caller leaves the room's group; the DS proposes its removal."""
     ReportFailure: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ReportFailureRequest, _delivery_pb2.ReportFailureResponse]
-    """The caller failed to process a message: the DS removes its leaf and the caller
-    joins again with a new KeyPackage.
+    """The caller failed to process an event of the stream (`seq`): a commit, a Welcome or a
+    proposal. The caller then joins again with a new KeyPackage. Reports about the
+    room's latest commit are weighed against the other members' (see docs/protocol.md,
+    "Bad commits"): a commit that independent members cannot process is undone by a new
+    generation without its committer; a lone report only removes the reporter's leaf.
     """
     ReportDisconnect: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ReportDisconnectRequest, _delivery_pb2.ReportDisconnectResponse]
     """The caller saw another participant disconnect from the LiveKit room."""
@@ -96,8 +99,11 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     Leave: _aio.UnaryUnaryMultiCallable[_delivery_pb2.LeaveRequest, _delivery_pb2.LeaveResponse]  # type: ignore[assignment]
     """The caller leaves the room's group; the DS proposes its removal."""
     ReportFailure: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ReportFailureRequest, _delivery_pb2.ReportFailureResponse]  # type: ignore[assignment]
-    """The caller failed to process a message: the DS removes its leaf and the caller
-    joins again with a new KeyPackage.
+    """The caller failed to process an event of the stream (`seq`): a commit, a Welcome or a
+    proposal. The caller then joins again with a new KeyPackage. Reports about the
+    room's latest commit are weighed against the other members' (see docs/protocol.md,
+    "Bad commits"): a commit that independent members cannot process is undone by a new
+    generation without its committer; a lone report only removes the reporter's leaf.
     """
     ReportDisconnect: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ReportDisconnectRequest, _delivery_pb2.ReportDisconnectResponse]  # type: ignore[assignment]
     """The caller saw another participant disconnect from the LiveKit room."""
@@ -165,8 +171,11 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _delivery_pb2.ReportFailureRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.ReportFailureResponse, _abc.Awaitable[_delivery_pb2.ReportFailureResponse]]:
-        """The caller failed to process a message: the DS removes its leaf and the caller
-        joins again with a new KeyPackage.
+        """The caller failed to process an event of the stream (`seq`): a commit, a Welcome or a
+        proposal. The caller then joins again with a new KeyPackage. Reports about the
+        room's latest commit are weighed against the other members' (see docs/protocol.md,
+        "Bad commits"): a commit that independent members cannot process is undone by a new
+        generation without its committer; a lone report only removes the reporter's leaf.
         """
 
     @_abc_1.abstractmethod

@@ -53,6 +53,7 @@ TEST_ORDERING = OrderingConfig(
     create_timeout=5.0,
     batch_quiet=0.02,
     batch_max_wait=0.2,
+    update_interval=0.0,  # tests make epochs with update commits; the limit: test_hostile
 )
 GENEROUS_LIMITS = Limits(rate_per_second=1_000_000.0, burst=1_000_000)
 WAIT = 15.0  # default bound of every wait in these tests (seconds)

@@ -286,6 +286,7 @@ class GrpcMember(Member):
         self.seen: list[pb.RoomEvent] = []
         self.received_at: list[float] = []  # time.monotonic() per event in ``seen``
         self.last_seq = 0
+        self.stream_ended: BaseException | None = None  # why the DS ended the stream
         self._reader: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -312,10 +313,14 @@ class GrpcMember(Member):
 
     async def _read(self, after: int) -> None:
         try:
-            async for event in self.client_ds.subscribe(after):
+            async for event in self.client_ds.subscribe(after, self.key_package_ref):
                 self.events.put_nowait(event)
         except asyncio.CancelledError:
             raise
+        except tp.NotJoined as e:
+            # out of the group (after its removal was delivered): a later join subscribes
+            self.stream_ended = e
+            self._reader = None
         except BaseException as e:
             self.events.put_nowait(e)
 

@@ -124,9 +124,11 @@ async def test_report_disconnect_is_checked_with_livekit(
     """With a LiveKit URL, a report about a participant LiveKit still has in the room is
     ignored (nothing stored), one LiveKit no longer has is acted on; the DS asks with a
     room-admin token for that room."""
-    async with FakeRoomService(present={"alice", "bob"}) as livekit:
+    async with FakeRoomService(present={"alice", "bob", "carol"}) as livekit:
         ds = await start_ds(livekit_url=livekit.url)
         alice, bob, carol = await room_of(ds, make_member, "alice", "bob", "carol")
+        livekit.asked.clear()  # (each join was checked too)
+        livekit.present.discard("carol")  # carol left the LiveKit room
         before = await room_snapshot(ds.store, ROOM)
         await alice.client_ds.report_disconnect("bob")
         await asyncio.sleep(0.2)
@@ -138,6 +140,28 @@ async def test_report_disconnect_is_checked_with_livekit(
         assert all(g == {"admin": True, "room": ROOM} for _, _, g in livekit.asked)
         await wait_until(lambda: carol.group is None, what="carol sees her removal")
         await ds.stop()
+
+
+async def test_livekit_checks_fail_closed(start_ds: StartDs, make_member: MakeMember) -> None:
+    """With a LiveKit URL: a token holder LiveKit does not have in the room cannot join the
+    group (PERMISSION_DENIED); when LiveKit cannot be asked, a join and a disconnect report
+    are answered UNAVAILABLE and change nothing (one member cannot get another removed
+    while LiveKit is down)."""
+    async with FakeRoomService(present={"alice", "bob"}) as livekit:
+        ds = await start_ds(livekit_url=livekit.url)
+        alice, _bob = await room_of(ds, make_member, "alice", "bob")
+        mallory = make_member(ds, "mallory", ROOM)
+        with pytest.raises(tp.PermissionDenied, match="connect to the LiveKit room"):
+            await mallory.join()
+        url = livekit.url
+    # the fake RoomService is gone: LiveKit cannot be asked
+    assert url
+    before = await room_snapshot(ds.store, ROOM)
+    with pytest.raises(tp.Unavailable, match="LiveKit cannot be asked"):
+        await alice.client_ds.report_disconnect("bob")
+    with pytest.raises(tp.Unavailable, match="LiveKit cannot be asked"):
+        await make_member(ds, "carol", ROOM).join()
+    assert await room_snapshot(ds.store, ROOM) == before
 
 
 async def test_ready_from_an_identity_that_has_not_joined_is_not_found(
@@ -184,3 +208,25 @@ async def test_undecodable_request_is_invalid_argument(ds: DeliveryServer) -> No
             await join(b"\xff\xff\xff", metadata=bearer(mint_token("alice", ROOM)), timeout=WAIT)
     assert await room_snapshot(ds.store, ROOM) == (None, [])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
+async def test_an_overlong_reported_identity_is_named_as_such(ds: DeliveryServer) -> None:
+    """ReportDisconnect's over-long identity is reported under its own field name."""
+    async with tp.DeliveryClient(target(ds), mint_token("alice", ROOM)) as client:
+        with pytest.raises(tp.ResourceExhausted, match="identity is 2000 bytes"):
+            await client.report_disconnect("x" * 2000)
+
+
+async def test_a_commit_of_another_group_is_invalid_argument(
+    ds: DeliveryServer, make_member: MakeMember
+) -> None:
+    """A valid commit of another room's group is INVALID_ARGUMENT (not a stale epoch)."""
+    alice, _ = await room_of(ds, make_member, "alice", "bob")
+    other, _ = await joined_room(ds, make_member, "other-room", "zoe", "yan")
+    foreign = other.require_group().commit()
+    before = await room_snapshot(ds.store, ROOM)
+    with pytest.raises(tp.InvalidRequest, match="another group"):
+        await alice.client_ds.submit_commit(
+            alice.require_group().epoch, foreign.commit, b"", foreign.group_info or b""
+        )
+    assert await room_snapshot(ds.store, ROOM) == before

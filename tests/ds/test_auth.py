@@ -44,6 +44,7 @@ from .members import GrpcMember, converged
 
 ROOM_A, ROOM_B = "room-a", "room-b"
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -135,6 +136,37 @@ def bad_credentials() -> list[BadCredential]:
             bearer(hand_rolled({"video": video})),
             DENIED,
             "no identity",
+        ),
+        # signed with the right secret, but claims of the wrong type: never INTERNAL
+        BadCredential(
+            "video is a string",
+            bearer(hand_rolled({"sub": "alice", "video": ROOM_A})),
+            UNAUTH,
+            "video must be an object",
+        ),
+        BadCredential(
+            "room is a number",
+            bearer(hand_rolled({"sub": "alice", "video": {"roomJoin": True, "room": 7}})),
+            UNAUTH,
+            "video.room must be a str",
+        ),
+        BadCredential(
+            'roomJoin is "false"',
+            bearer(hand_rolled({"sub": "alice", "video": {"roomJoin": "false", "room": ROOM_A}})),
+            UNAUTH,
+            "video.roomJoin must be a bool",
+        ),
+        BadCredential(
+            "canSubscribe is a number",
+            bearer(hand_rolled({"sub": "alice", "video": {**video, "canSubscribe": 1}})),
+            UNAUTH,
+            "video.canSubscribe must be a bool",
+        ),
+        BadCredential(
+            "sub is a number",
+            bearer(hand_rolled({"sub": 42, "video": video})),
+            UNAUTH,
+            "subject must be a string",
         ),
     ]
 
@@ -286,8 +318,12 @@ async def test_a_member_of_room_b_cannot_see_or_affect_room_a(
                 "participant",
             )
             await stub.Leave(pb.LeaveRequest(), metadata=meta, timeout=WAIT)
-            await stub.ReportFailure(
-                pb.ReportFailureRequest(epoch=1, reason="x"), metadata=meta, timeout=WAIT
+            await expect_status(
+                stub.ReportFailure(
+                    pb.ReportFailureRequest(epoch=1, reason="x"), metadata=meta, timeout=WAIT
+                ),
+                grpc.StatusCode.NOT_FOUND,
+                "not joined",
             )
             try:  # OK today; NOT_FOUND as docs/protocol.md documents (not joined room B)
                 await stub.Ready(pb.ReadyRequest(epoch=0), metadata=meta, timeout=WAIT)
@@ -341,3 +377,60 @@ async def test_a_member_of_room_b_cannot_see_or_affect_room_a(
     assert [e.WhichOneof("event") for e in mallory.seen] == ["create_group", "execute"]
     assert len(alice.seen) == seen_by_a, "room A's member saw room B's events"
     assert converged([alice, bob])
+
+
+@pytest.mark.parametrize(
+    ("grants", "policy", "allowed"),
+    [
+        ({"canSubscribe": False}, "subscribers", False),
+        ({"hidden": True}, "subscribers", False),
+        ({"canSubscribe": True, "hidden": False}, "subscribers", True),
+        ({"canSubscribe": False, "hidden": True}, "all", True),
+    ],
+)
+async def test_which_tokens_may_hold_keys_is_a_policy(
+    start_ds: Any, grants: dict[str, bool], policy: str, allowed: bool
+) -> None:
+    """By default a token that cannot subscribe, or is hidden, does not make its holder a
+    member of the group (it would hold every member's media key): Join is
+    PERMISSION_DENIED naming the policy; with --key-holders all it joins."""
+    from delivery_service.auth import KeyHolderPolicy
+
+    ds = await start_ds(key_holders=KeyHolderPolicy(policy))
+    video = {"roomJoin": True, "room": ROOM_A, **grants}
+    client = mls.MlsClient("watcher", mls.SignatureKeyPair.generate())
+    request = pb.JoinRequest(key_package=client.generate_key_package())
+    async with raw_channel(target(ds)) as stub:
+        call = stub.Join(
+            request, metadata=bearer(hand_rolled({"sub": "watcher", "video": video})), timeout=WAIT
+        )
+        if allowed:
+            await call
+        else:
+            await expect_status(call, DENIED, "--key-holders subscribers")
+    state = await manager_of(ds).room_state(ROOM_A)
+    assert ("watcher" in state.participants) is allowed
+
+
+async def test_an_unauthenticated_body_is_never_decoded(
+    ds: DeliveryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metadata is checked before the request body is parsed: an unauthenticated
+    call of any size costs no protobuf decoding."""
+    parsed: list[int] = []
+    original = pb.JoinRequest.FromString
+
+    def counting(data: bytes) -> pb.JoinRequest:
+        parsed.append(len(data))
+        return original(data)
+
+    monkeypatch.setattr(pb.JoinRequest, "FromString", staticmethod(counting))
+    big = pb.JoinRequest(key_package=bytes(4 * 1024 * 1024))
+    async with raw_channel(target(ds)) as stub:
+        await expect_status(stub.Join(big, timeout=WAIT), UNAUTH, "missing authorization")
+        meta = bearer(mint_token("alice", ROOM_A, api_secret=OTHER_SECRET))
+        await expect_status(stub.Join(big, metadata=meta, timeout=WAIT), UNAUTH, "invalid")
+        assert parsed == []
+        meta = bearer(mint_token("alice", ROOM_A))
+        await expect_status(stub.Join(big, metadata=meta, timeout=WAIT), EXHAUSTED, "limit")
+        assert parsed == [len(big.SerializeToString())]

@@ -65,7 +65,7 @@ LIMITS = Limits(
     welcome=32 * KIB,
     group_info=32 * KIB,
     reason=256,
-    grpc_message=256 * KIB,
+    identity=256,  # the same bound as reason: text_limit() checks both against it
     rate_per_second=1_000_000.0,
     burst=1_000_000,
 )
@@ -76,6 +76,7 @@ ORDERING = OrderingConfig(
     create_timeout=600.0,
     batch_quiet=0.0,
     batch_max_wait=0.0,
+    update_interval=0.0,  # tests make epochs with update commits; the limit: test_hostile
 )
 ACCEPTED_COMMITS = 20  # more than the DS keeps for idempotent retries (16)
 
@@ -417,7 +418,7 @@ class Fuzzer:
                 "ReportFailure",
                 pb.ReportFailureRequest(epoch=self.epoch(), reason=reason),
                 caller,
-                text_limit(reason, set()),
+                text_limit(reason, {NOT_FOUND}),
             )
         if kind == 18:
             return Probe(
@@ -464,7 +465,7 @@ class Fuzzer:
                     ("CreateGroup", pb.CreateGroupRequest(group_info=ctx.group_info), PRECONDITION),
                     ("Ready", pb.ReadyRequest(epoch=self.epoch()), NOT_FOUND),
                     ("Leave", pb.LeaveRequest(), OK),
-                    ("ReportFailure", pb.ReportFailureRequest(reason="gone"), OK),
+                    ("ReportFailure", pb.ReportFailureRequest(reason="gone"), NOT_FOUND),
                     ("ReportDisconnect", pb.ReportDisconnectRequest(identity="alice"), DENIED),
                     ("Subscribe", pb.SubscribeRequest(after=self.epoch()), NOT_FOUND),
                 ]

@@ -46,6 +46,7 @@ CONFIG = OrderingConfig(
     create_timeout=300.0,
     batch_quiet=0.0,  # request a commit as soon as a proposal is issued
     batch_max_wait=0.0,
+    update_interval=0.0,  # tests make epochs with update commits; the limit: test_hostile
 )
 
 

@@ -90,6 +90,8 @@ async def test_fifty_members_race_for_every_epoch(
         "--rate", "1000000", "--burst", "1000000",
         # transitions must execute because every member acked, not at a deadline
         "--execute-timeout", "120", "--commit-timeout", "120",
+        # every round is 50 update commits (no pending proposals) for one epoch
+        "--update-interval", "0",
     )  # fmt: skip
     names = [f"m{i:02d}" for i in range(MEMBERS)]
     members = [make_member(ds.target, name, ROOM) for name in names]

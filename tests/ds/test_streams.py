@@ -7,6 +7,7 @@ filtered to what the subscriber may see (a Welcome only reaches its recipients).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import threading
 import time
@@ -314,3 +315,61 @@ async def wait_for_commit_in_store(server: DeliveryServer, epoch: int) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+async def test_a_removed_members_stream_ends_after_its_removal(
+    ds: DeliveryServer, make_member: MakeMember
+) -> None:
+    """carol is removed (a disconnect report): her stream delivers the commit that removes
+    her, then ends with NOT_FOUND, and nothing after it reaches her (the next join's Add
+    proposal carries the joiner's key package)."""
+    members = await joined_room(ds, make_member, ROOM, "alice", "bob", "carol")
+    alice, _bob, carol = members
+    await alice.client_ds.report_disconnect("carol")
+    await wait_until(lambda: carol.stream_ended is not None, what="carol's stream ends")
+    assert isinstance(carol.stream_ended, tp.NotJoined)
+    assert "no longer in the room's group" in carol.stream_ended.message
+    removing = [e for e in carol.seen if e.HasField("commit") and "carol" in e.commit.removed]
+    assert len(removing) == 1 and carol.seen[-1].seq >= removing[0].seq
+    last_seen = carol.seen[-1].seq
+    dave = make_member(ds, "dave", ROOM)
+    await dave.join()
+    dave.start()
+    await wait_until(lambda: converged([alice, members[1], dave]), what="dave joined")
+    assert carol.seen[-1].seq == last_seen
+
+
+async def test_a_stream_ends_when_its_token_expires(
+    ds: DeliveryServer, make_member: MakeMember
+) -> None:
+    """A stream opened with a token that expires in 2 s is ended with UNAUTHENTICATED
+    ("expired") then, although events may still flow to it."""
+    await joined_room(ds, make_member, ROOM, "alice")
+    token = mint_token("alice", ROOM, ttl=datetime.timedelta(seconds=2))
+    async with raw_channel(target(ds)) as stub:
+        call = stub.Subscribe(pb.SubscribeRequest(after=0), metadata=bearer(token))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in (info.value.details() or "")
+
+
+async def test_subscribe_is_rate_limited(start_ds: StartDs, make_member: MakeMember) -> None:
+    """Opening streams counts against the caller's rate like every other call."""
+    from delivery_service.limits import Limits
+
+    ds = await start_ds(limits=Limits(rate_per_second=0.5, burst=5))
+    await joined_room(ds, make_member, ROOM, "alice")
+    codes = []
+    async with raw_channel(target(ds)) as stub:
+        for _ in range(8):
+            call = stub.Subscribe(
+                pb.SubscribeRequest(after=10**9), metadata=bearer(mint_token("alice", ROOM))
+            )
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes

@@ -117,7 +117,10 @@ async def test_signed_leave_webhook_removes_the_member(
     assert "carol" not in state.participants and "carol" not in state.members
 
     before = await room_snapshot(ds.store, ROOM)
-    status, answer = await post(ds, body, signature(body))
+    status, answer = await post(ds, body, signature(body))  # a replay: its id was seen
+    assert (status, answer) == (200, {"status": "duplicate"})
+    other = event_body("participant_left", "carol")  # a new event about a departed one
+    status, answer = await post(ds, other, signature(other))
     assert (status, answer) == (200, {"status": "noop"})
     assert await room_snapshot(ds.store, ROOM) == before
 
@@ -211,3 +214,35 @@ async def test_leave_in_the_same_second_as_the_join_removes_the_member(
 
 def webhook_created_at(body: str) -> int:
     return int(Parse(body, webhook.WebhookEvent()).created_at)
+
+
+async def test_a_replayed_webhook_changes_nothing_and_bad_bytes_are_400(
+    ds: DeliveryServer, make_member: MakeMember, caplog: pytest.LogCaptureFixture
+) -> None:
+    """carol leaves and joins again within LiveKit's second: the signed participant_left
+    replayed afterwards (same event id) must not remove the new carol. A body that is not
+    UTF-8 is 400 (not 500), and no log record quotes the raw body."""
+    members = await three_members(ds, make_member)
+    await after_join_second(ds, "carol")
+    body = event_body("participant_left", "carol")
+    status, answer = await post(ds, body, signature(body))
+    assert (status, answer) == (200, {"status": "removed"})
+    alice, bob, carol = members
+    await wait_until(lambda: converged([alice, bob]), what="carol out")
+    await carol.join()
+    await wait_until(lambda: converged(members), what="carol back")
+    before = await room_snapshot(ds.store, ROOM)
+    status, answer = await post(ds, body, signature(body))  # the replay
+    assert (status, answer) == (200, {"status": "duplicate"})
+    await asyncio.sleep(0.3)
+    assert await room_snapshot(ds.store, ROOM) == before
+    assert converged(members)
+
+    url = f"http://127.0.0.1:{ds.http_port}/livekit/webhook"
+    raw = b"\xff\xfe" + b"GARBAGE-" * 2000
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=raw, headers={"Authorization": signature(body)}) as response,
+    ):
+        assert response.status == 400
+    assert not any("GARBAGE" in r.getMessage() for r in caplog.records)

@@ -59,6 +59,7 @@ DS_ARGS = (
     "--create-timeout", "5",
     "--batch-quiet", "0.02",
     "--batch-max-wait", "0.2",
+    "--update-interval", "0",  # the race test makes epochs with update commits
     "--rate", "100000",
     "--burst", "100000",
 )  # fmt: skip
@@ -197,10 +198,12 @@ class FailoverClient(tp.DeliveryClient):
             await self._fail_over(target)
             raise
 
-    async def subscribe(self, after: int) -> AsyncIterator[pb.RoomEvent]:
+    async def subscribe(
+        self, after: int, key_package_ref: bytes = b""
+    ) -> AsyncIterator[pb.RoomEvent]:
         target = self.target
         try:
-            async for event in super().subscribe(after):
+            async for event in super().subscribe(after, key_package_ref):
                 yield event
         except tp.Unavailable:
             await self._fail_over(target)
