@@ -35,7 +35,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, median, write_result
 
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from common import markdown_table, percentile, write_result
 
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess

@@ -13,8 +13,8 @@ import asyncio
 import random
 import time
 
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.transport import (
     DeliveryClient,
     DeliveryServiceError,

@@ -35,9 +35,9 @@ from delivery_service.fanout import (
 from delivery_service.limits import Limits, RateLimiter
 from delivery_service.metrics import Metrics
 from delivery_service.presence import LiveKitPresence
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.rooms import RoomManager
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

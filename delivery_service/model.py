@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from delivery_service.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2 as pb
 
 
 class Phase(enum.StrEnum):

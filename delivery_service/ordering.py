@@ -36,8 +36,8 @@ from delivery_service.model import (
     RoomState,
     group_id_for,
 )
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
 
 ACCEPTED_COMMITS_KEPT = 16
 

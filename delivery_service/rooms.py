@@ -30,9 +30,9 @@ from delivery_service.metrics import Metrics
 from delivery_service.model import LogEntry, Phase, RoomState
 from delivery_service.ordering import CommitOrdering, RoomTx
 from delivery_service.presence import StreamPresence
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store import Store
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from delivery_service.http import make_app
 from delivery_service.metrics import Metrics
 from delivery_service.ordering import CommitOrdering
 from delivery_service.presence import LiveKitPresence, StreamPresence
-from delivery_service.proto import delivery_pb2
 from delivery_service.rooms import RoomManager
 from delivery_service.settings import DS_IDENTITY, Settings
 from delivery_service.store import Store, open_store
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import mls
 from mls_provider.events import EventEmitter
 from mls_provider.keys import DEFAULT_RING_SIZE, KeySchedule, verification_code
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.sinks import KeySink
 from mls_provider.transport import (
     CursorTooOld,

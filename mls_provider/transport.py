@@ -17,8 +17,8 @@ from typing import TypeVar
 import grpc
 import jwt
 
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import pytest
 
-from delivery_service.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess

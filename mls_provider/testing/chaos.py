@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store import open_store
 from mls_provider.keys import EXPORTER_LABEL, key_index
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess

@@ -30,11 +30,11 @@ import pytest
 from delivery_service.limits import Limits
 from delivery_service.model import LogEntry, RoomState
 from delivery_service.ordering import OrderingConfig
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.rooms import RoomManager
 from delivery_service.server import DeliveryServer
 from delivery_service.settings import Settings
 from delivery_service.store import Store
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 from mls_provider.testing.tokens import join_token
 
 from .members import GrpcMember, check_all, converged

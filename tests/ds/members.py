@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from delivery_service import errors as ds_errors
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.rooms import RoomManager
 from mls_provider import mls
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
 
 EVENT_TIMEOUT = 15.0
 EPOCH_CONFLICTS = (tp.EpochConflict, ds_errors.EpochConflict)

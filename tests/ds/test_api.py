@@ -15,9 +15,9 @@ from livekit.protocol import models
 from livekit.protocol import room as room_pb
 
 from delivery_service.limits import Limits
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.server import DeliveryServer
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
 
 from .conftest import (
     API_KEY,

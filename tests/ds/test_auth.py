@@ -20,11 +20,11 @@ import jwt
 import pytest
 
 from delivery_service.model import group_id_for
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.server import DeliveryServer
 from mls_provider import mls
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 from .conftest import (
     API_KEY,

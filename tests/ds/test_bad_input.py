@@ -32,10 +32,10 @@ from google.protobuf.message import Message
 from delivery_service.limits import KIB, Limits
 from delivery_service.model import Phase
 from delivery_service.ordering import OrderingConfig
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.server import DeliveryServer
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 from .conftest import (
     OTHER_SECRET,

@@ -22,10 +22,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from delivery_service.cli import build_parser
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from mls_provider import mls
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 from .conftest import (
     API_SECRET,

@@ -29,11 +29,11 @@ from delivery_service.fanout import Hub
 from delivery_service.metrics import Metrics
 from delivery_service.model import Phase, RoomState, group_id_for
 from delivery_service.ordering import CommitOrdering, OrderingConfig
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.rooms import RoomManager
 from delivery_service.settings import DS_IDENTITY
 from delivery_service.store import MemoryStore
 from mls_provider import mls
+from mls_provider.proto import delivery_pb2 as pb
 
 from .conftest import room_snapshot, wait_until
 from .members import ManagerTransport, Member

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
 
 from .conftest import DsProcess, MakeMember, wait_until
 from .members import GrpcMember, check_all, converged

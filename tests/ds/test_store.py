@@ -24,8 +24,8 @@ from delivery_service.model import (
     Phase,
     RoomState,
 )
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store import MemoryStore, SqliteStore, Store, open_store
+from mls_provider.proto import delivery_pb2 as pb
 
 ROOM = "store-room"
 StoreFactory = Callable[..., Store]

@@ -19,11 +19,11 @@ import grpc
 import pytest
 
 from delivery_service.model import LogEntry
-from delivery_service.proto import delivery_pb2 as pb
-from delivery_service.proto import delivery_pb2_grpc as pb_grpc
 from delivery_service.server import DeliveryServer
 from delivery_service.store import SqliteStore
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
+from mls_provider.proto import delivery_pb2_grpc as pb_grpc
 
 from .conftest import (
     WAIT,

@@ -31,10 +31,10 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store.redis import RedisStore
 from mls_provider import transport as tp
 from mls_provider.keys import key_index
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.session import MlsSession, SessionConfig
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess

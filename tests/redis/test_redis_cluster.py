@@ -31,8 +31,8 @@ from redis_testlib import (
     wait_converged,
 )
 
-from delivery_service.proto import delivery_pb2 as pb
 from mls_provider import transport as tp
+from mls_provider.proto import delivery_pb2 as pb
 
 pytestmark = pytest.mark.redis
 

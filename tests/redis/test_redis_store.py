@@ -18,9 +18,9 @@ from delivery_service.model import (
     LogEntry,
     RoomState,
 )
-from delivery_service.proto import delivery_pb2 as pb
 from delivery_service.store import open_store
 from delivery_service.store.redis import RedisStore, RedisUnavailable, pack_entry, unpack_entry
+from mls_provider.proto import delivery_pb2 as pb
 from mls_provider.testing.redis_server import RedisServer, RedisServerError
 
 pytestmark = pytest.mark.redis

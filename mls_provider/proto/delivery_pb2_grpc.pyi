@@ -19,7 +19,7 @@ Byte-exact flows, error statuses and limits: docs/protocol.md.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from delivery_service.proto import delivery_pb2 as _delivery_pb2
+from mls_provider.proto import delivery_pb2 as _delivery_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

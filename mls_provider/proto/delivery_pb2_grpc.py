@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from delivery_service.proto import delivery_pb2 as livekit_dot_mls_dot_v1_dot_delivery__pb2
+from mls_provider.proto import delivery_pb2 as livekit_dot_mls_dot_v1_dot_delivery__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
