@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="LiveKit key ring size handed to clients (2..256)",
     )
     a(
+        "--authority-key",
+        action="append",
+        default=[k for k in _env("AUTHORITY_KEYS", "").split(",") if k],
+        metavar="HEX",
+        help="authority mode: a public key (hex, from `livekit-mls-authority`) of the app's "
+        "identity authority; every member's credential must be signed by one of these keys "
+        "(repeat during a rotation). Env: comma-separated",
+    )
+    a(
+        "--credential-margin",
+        type=float,
+        default=float(_env("CREDENTIAL_MARGIN", str(d_order.credential_margin))),
+        help="authority mode: a credential must stay valid this many seconds after Join",
+    )
+    a(
         "--key-holders",
         choices=[p.value for p in KeyHolderPolicy],
         default=_env("KEY_HOLDERS", KeyHolderPolicy.SUBSCRIBERS.value),
@@ -236,6 +251,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit("error: --ring-size must be 2..256")
     if args.presence_timeout < 0:
         raise SystemExit("error: --presence-timeout must be >= 0")
+    try:
+        authority_keys = tuple(bytes.fromhex(k) for k in args.authority_key)
+    except ValueError as e:
+        raise SystemExit(f"error: --authority-key must be hex: {e}") from None
+    if any(len(k) != 32 for k in authority_keys):
+        raise SystemExit("error: --authority-key must be a 32-byte Ed25519 public key (64 hex)")
     limits = Limits(
         key_package=args.max_key_package_bytes,
         commit=args.max_commit_bytes,
@@ -253,6 +274,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         batch_max_wait=args.batch_max_wait,
         update_interval=args.update_interval,
         blame_cooldown=args.blame_cooldown,
+        authority_keys=authority_keys,
+        credential_margin=args.credential_margin,
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")

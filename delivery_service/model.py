@@ -104,6 +104,8 @@ class RoomState:
     cooldown: dict[str, float] = field(default_factory=dict)
     # identity -> when it last committed without pending proposals (an update)
     updates: dict[str, float] = field(default_factory=dict)
+    # identity -> when the credential of its leaf expires (authority credentials only)
+    expiries: dict[str, float] = field(default_factory=dict)
 
     @property
     def transition_open(self) -> bool:

@@ -66,6 +66,12 @@ class OrderingConfig:
     # a committer whose commit independent members could not process may not join again
     # for this long
     blame_cooldown: float = 30.0
+    # authority mode: the app's identity authority's public keys (handed to members in
+    # the room config, who refuse a DS that checks other keys)
+    authority_keys: tuple[bytes, ...] = ()
+    # a credential must stay valid at least this long after Join (its holder renews it
+    # before it expires; the DS removes a member whose credential expired)
+    credential_margin: float = 600.0
 
 
 KeyPackageLoader = Callable[[bytes], Awaitable[bytes | None]]
@@ -147,6 +153,7 @@ class CommitOrdering:
             cipher_suite=self.config.cipher_suite,
             ds_signing_identity=self.ds_signing_identity,
             ds_public_key=self.observer.public_key,
+            authority_keys=list(self.config.authority_keys),
         )
 
     # ---- requests ------------------------------------------------------------------
@@ -156,10 +163,23 @@ class CommitOrdering:
         try:
             info = await asyncio.to_thread(self.observer.validate_key_package, key_package)
         except mls.MlsError as e:
+            if getattr(e, "code", "") == "CredentialRejected":
+                raise PermissionDenied(f"credential refused: {e}") from e
             raise InvalidRequest(f"invalid key package: {e}") from e
         if info.identity != identity:
             raise PermissionDenied(
                 f"key package identity {info.identity!r} is not the token identity {identity!r}"
+            )
+        if info.room is not None and info.room != tx.state.room:
+            raise PermissionDenied(
+                f"the credential is for room {info.room!r}, not {tx.state.room!r}"
+            )
+        if self.config.authority_keys and (
+            info.not_after is None or info.not_after < tx.now + self.config.credential_margin
+        ):
+            raise PermissionDenied(
+                "the credential expires in less than "
+                f"{self.config.credential_margin:g} s: issue one valid for longer"
             )
         if info.cipher_suite != self.config.cipher_suite:
             raise InvalidRequest(
@@ -582,6 +602,11 @@ class CommitOrdering:
         vanished = sorted(tx.absent & state.participants.keys())
         for name in vanished:
             await self.leave(tx, name)
+        for name, expires in list(state.expiries.items()):
+            # an expired credential makes every joiner refuse the group: its holder goes
+            if expires <= tx.now and name in state.participants:
+                vanished.append(name)
+                await self.leave(tx, name)
         if state.phase is Phase.CREATING and tx.now >= state.phase_since + cfg.create_timeout:
             # the creator never answered: it cannot be trusted to be alive
             gone = state.participants.pop(state.creator, None)
@@ -631,6 +656,13 @@ class CommitOrdering:
         )
 
     def next_deadline(self, state: RoomState, now: float) -> float | None:
+        deadline = self._next_ordering_deadline(state, now)
+        expiry = min(
+            (t for n, t in state.expiries.items() if n in state.participants), default=None
+        )
+        return min((d for d in (deadline, expiry) if d is not None), default=None)
+
+    def _next_ordering_deadline(self, state: RoomState, now: float) -> float | None:
         cfg = self.config
         if state.phase is Phase.CREATING:
             return state.phase_since + cfg.create_timeout
@@ -704,6 +736,10 @@ class CommitOrdering:
         assert observed is not None
         pending = {(p.kind, p.identity) for p in state.pending}
         roster = {m.identity: m for m in await asyncio.to_thread(observed.members)}
+        expiries = {n: float(m.not_after) for n, m in roster.items() if m.not_after is not None}
+        if expiries != state.expiries:
+            state.expiries = expiries
+            tx.changed()
 
         def current(identity: str) -> bool:
             participant = state.participants.get(identity)

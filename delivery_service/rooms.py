@@ -355,7 +355,8 @@ class RoomManager:
             for identity in vanished:
                 self.metrics.presence_removals.inc()
                 log.info(
-                    "vanished room=%s identity=%s (no event stream for %.1f s)",
+                    "vanished room=%s identity=%s (no event stream for %.1f s, or its "
+                    "credential expired)",
                     room,
                     identity,
                     self.presence.timeout if self.presence is not None else 0.0,

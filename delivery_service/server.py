@@ -92,7 +92,9 @@ class DeliveryServer:
         await self.store.open()
         self._store_open = True
         key = await self._signature_key()
-        self.observer = mls.ExternalObserver(DS_IDENTITY, key)
+        keys = list(s.ordering.authority_keys)
+        authority = mls.Authority(keys) if keys else None
+        self.observer = mls.ExternalObserver(DS_IDENTITY, key, authority=authority)
         ordering = CommitOrdering(self.observer, s.ordering)
         presence = (
             StreamPresence(self.store, s.presence_timeout) if s.presence_timeout > 0 else None

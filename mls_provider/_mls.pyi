@@ -56,6 +56,8 @@ class Member:
     leaf_index: int
     identity: str
     signature_key: bytes
+    not_after: int | None
+    """When its authority credential expires (Unix seconds); None: a basic credential."""
 
 @final
 class CommitOutput:
@@ -129,15 +131,65 @@ class KeyPackageInfo:
     signature_key: bytes
     reference: bytes
     """The KeyPackageRef a Welcome uses to name its recipient."""
+    room: str | None
+    """The room its authority credential names (None: a basic credential)."""
+    not_after: int | None
+    """When its authority credential expires (Unix seconds)."""
+
+@final
+class Authority:
+    """The identity authorities a member (or the DS) trusts: every credential must be an
+    authority credential signed by one of ``public_keys`` (32-byte Ed25519 keys) for the
+    leaf's signature key, valid now (give or take 300 s), and, with ``room``, name it."""
+
+    def __init__(self, public_keys: Sequence[bytes], room: str | None = None) -> None: ...
+    @property
+    def public_keys(self) -> list[bytes]: ...
+
+@final
+class AuthorityCredential:
+    """A decoded authority credential (docs/protocol.md §1, "Credentials")."""
+
+    identity: str
+    room: str
+    not_before: int
+    not_after: int
+    signature: bytes
+
+AUTHORITY_CREDENTIAL_TYPE: int
+"""0xF1D1: the authority credential's MLS credential type."""
+
+def credential_signed_bytes(
+    signature_key: bytes, identity: str, room: str, not_before: int, not_after: int
+) -> bytes:
+    """What an identity authority signs (Ed25519) to vouch for ``identity`` in ``room``
+    holding ``signature_key`` from ``not_before`` to ``not_after`` (Unix seconds)."""
+
+def encode_credential(
+    identity: str, room: str, not_before: int, not_after: int, signature: bytes
+) -> bytes:
+    """The body of an authority credential (what ``MlsClient(credential=...)`` takes)."""
+
+def decode_credential(data: bytes) -> AuthorityCredential:
+    """Strictly decodes a credential body (its signature is not checked)."""
 
 @final
 class MlsClient:
     """One LiveKit participant identity: key packages; create, join and load groups."""
 
     def __init__(
-        self, identity: str, key_pair: SignatureKeyPair, *, require_update_path: bool = True
+        self,
+        identity: str,
+        key_pair: SignatureKeyPair,
+        *,
+        credential: bytes | None = None,
+        authority: Authority | None = None,
+        require_update_path: bool = True,
     ) -> None:
-        """``require_update_path=False`` makes add-only commits without an UpdatePath:
+        """``credential``: the authority credential (body) the app's identity authority
+        issued for ``key_pair``'s public key (None: a basic credential, open mode);
+        ``authority``: the authorities this client trusts in its room (None: open mode).
+        ``require_update_path=False`` makes add-only commits without an UpdatePath:
         RFC 9420 allows it, livekit-mls forbids it (the DS refuses them). For tests only."""
     @property
     def identity(self) -> str: ...
@@ -196,6 +248,10 @@ class Group:
     ) -> CommitOutput:
         """One commit adding key packages, removing leaves (by index or identity) and
         including every cached proposal. It stays pending until applied or discarded."""
+    def commit_renewal(self, key_pair: SignatureKeyPair, credential: bytes) -> CommitOutput:
+        """A commit of every cached proposal that also renews our credential: ``key_pair``
+        becomes our signature key, ``credential`` the authority credential issued for it
+        (same identity and room)."""
     def apply_pending_commit(self) -> CommitApplied: ...
     def discard_pending_commit(self) -> None: ...
     def process_message(self, message: bytes) -> ProposalReceived | CommitApplied | OtherMessage:
@@ -214,7 +270,11 @@ class ExternalObserver:
     """The delivery service's MLS identity: validates public handshakes of groups it
     follows and signs external proposals. It never holds an epoch secret."""
 
-    def __init__(self, identity: str, key_pair: SignatureKeyPair) -> None: ...
+    def __init__(
+        self, identity: str, key_pair: SignatureKeyPair, *, authority: Authority | None = None
+    ) -> None:
+        """With an ``authority`` (no room: the DS checks each key package's room against
+        its caller's token), every credential must be vouched for by it."""
     @property
     def identity(self) -> str: ...
     @property

@@ -8,9 +8,12 @@ range) and leaves the object it was called on unchanged.
 from typing import TypeAlias
 
 from mls_provider._mls import (
+    AUTHORITY_CREDENTIAL_TYPE,
     DEFAULT_CIPHER_SUITE,
     MAX_EXPORT_LENGTH,
     SUPPORTED_CIPHER_SUITES,
+    Authority,
+    AuthorityCredential,
     CommitApplied,
     CommitOutput,
     DecodeError,
@@ -30,6 +33,9 @@ from mls_provider._mls import (
     StateError,
     UnsupportedError,
     ValidationError,
+    credential_signed_bytes,
+    decode_credential,
+    encode_credential,
     message_info,
 )
 
@@ -37,9 +43,12 @@ Received: TypeAlias = ProposalReceived | CommitApplied | OtherMessage
 """What processing a message did."""
 
 __all__ = [
+    "AUTHORITY_CREDENTIAL_TYPE",
     "DEFAULT_CIPHER_SUITE",
     "MAX_EXPORT_LENGTH",
     "SUPPORTED_CIPHER_SUITES",
+    "Authority",
+    "AuthorityCredential",
     "CommitApplied",
     "CommitOutput",
     "DecodeError",
@@ -60,5 +69,8 @@ __all__ = [
     "StateError",
     "UnsupportedError",
     "ValidationError",
+    "credential_signed_bytes",
+    "decode_credential",
+    "encode_credential",
     "message_info",
 ]

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -53,6 +55,10 @@ from mls_provider.transport import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CredentialSource = Callable[[bytes], Awaitable[bytes]]
+"""Given this member's MLS signature public key, returns the credential the app's identity
+authority issued for it (``IdentityAuthority.issue`` on the app's backend)."""
 
 
 class SessionError(Exception):
@@ -88,6 +94,15 @@ class SessionConfig:
     rejoin_on_removal: bool = True
     # called for every identity a commit adds; False raises a "member_rejected" event
     accept_member: Callable[[str], bool] | None = None
+    # authority mode: the public keys of the app's identity authority (32-byte Ed25519;
+    # several during a rotation). Every member's credential must be signed by one of them,
+    # for this room, wherever it appears; the DS must check the same keys. Empty: open mode
+    # (anyone with a LiveKit token for the room becomes a member).
+    authority_keys: tuple[bytes, ...] = ()
+    # authority mode: where this member gets its own credential (the app's backend)
+    credentials: CredentialSource | None = None
+    # seconds before its credential expires when a member renews it (an update commit)
+    credential_renewal: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,14 @@ class EpochInfo:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     verification_code: str
+
+
+@dataclass(frozen=True)
+class RejectedMember:
+    """Payload of ``member_rejected``: who was refused (if known) and why."""
+
+    identity: str | None
+    reason: str
 
 
 @dataclass
@@ -115,7 +138,9 @@ class MlsSession(EventEmitter):
     * ``"joined"`` (EpochInfo) — we are in the group;
     * ``"epoch_changed"`` (EpochInfo) — keys of a new epoch are installed (prepare);
     * ``"transition_executed"`` (EpochInfo) — we now send with the new epoch's key;
-    * ``"member_rejected"`` (identity) — ``accept_member`` refused an added identity;
+    * ``"member_rejected"`` (RejectedMember) — an added identity was refused: its
+      credential is not vouched for by the pinned authority (the commit or Welcome was not
+      applied), or ``accept_member`` said no;
     * ``"removed"`` (reason) — we were removed from the group;
     * ``"rejoining"`` (reason) — joining again with a new key package;
     * ``"replaced"`` (reason) — a newer connection of our identity joined the room (another
@@ -138,8 +163,17 @@ class MlsSession(EventEmitter):
         self.sink = sink
         self.config = config or SessionConfig()
         self.schedule = KeySchedule(self.config.ring_size)
-        pair = key_pair or mls.SignatureKeyPair.generate(self.config.cipher_suite)
-        self.client = mls.MlsClient(identity, pair)
+        self.key_pair = key_pair or mls.SignatureKeyPair.generate(self.config.cipher_suite)
+        self.authority: mls.Authority | None = None
+        self._client: mls.MlsClient | None = None
+        self.credential: bytes | None = None  # ours, in authority mode
+        if self.config.authority_keys:
+            if self.config.credentials is None:
+                raise SessionError("authority mode needs SessionConfig.credentials")
+            # credentials must name the room of our own LiveKit token
+            self.authority = mls.Authority(list(self.config.authority_keys), ds.room)
+        else:
+            self._client = mls.MlsClient(identity, self.key_pair)
         self.group: mls.Group | None = None
         self.generation = -1
         self.cursor = 0
@@ -154,8 +188,16 @@ class MlsSession(EventEmitter):
         self._wipes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()  # the group: events and credential renewals take turns
+        self._renewal: asyncio.Task[None] | None = None
 
     # ---- public API ----------------------------------------------------------------
+
+    @property
+    def client(self) -> mls.MlsClient:
+        if self._client is None:
+            raise SessionError("the session has no MLS client yet: start() it first")
+        return self._client
 
     @property
     def epoch(self) -> int | None:
@@ -174,7 +216,13 @@ class MlsSession(EventEmitter):
         return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
-        """Uploads a key package and starts following the room's event stream."""
+        """Uploads a key package and starts following the room's event stream (in
+        authority mode, after getting this member's credential from the app)."""
+        if self.authority is not None:
+            self._install_credential(await self._fetch_credential())
+            self._renewal = asyncio.create_task(
+                self._renew_credentials(), name=f"mls-renewal-{self.identity}"
+            )
         await self._join()
         self._task = asyncio.create_task(self._run(), name=f"mls-session-{self.identity}")
 
@@ -184,9 +232,10 @@ class MlsSession(EventEmitter):
         never arrives, the DS removes us once our stream has been gone for its presence
         timeout."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._renewal):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in list(self._wipes):
             task.cancel()
         if leave:
@@ -256,6 +305,10 @@ class MlsSession(EventEmitter):
 
     async def _handle(self, event: pb.RoomEvent) -> bool:
         """Handles one event; True if the session re-joined (the stream must restart)."""
+        async with self._lock:
+            return await self._handle_locked(event)
+
+    async def _handle_locked(self, event: pb.RoomEvent) -> bool:
         kind = event.WhichOneof("event")
         try:
             if kind == "reset":
@@ -278,6 +331,9 @@ class MlsSession(EventEmitter):
                 await self._on_execute(group, event.execute.epoch)
         except mls.MlsError as e:
             reason = f"cannot process {kind} at seq {event.seq}: {e}"
+            if getattr(e, "code", "") == "CredentialRejected":
+                # a member the app's authority did not vouch for: refused, reported
+                self.emit("member_rejected", RejectedMember(_named(str(e)), str(e)))
             # an epoch mismatch says we are behind, not that the message is bad
             seq = 0 if isinstance(e, mls.EpochError) else event.seq
             await self._report_and_rejoin(reason, seq)
@@ -387,7 +443,7 @@ class MlsSession(EventEmitter):
         added = tuple(m.identity for m in applied.added)
         for identity in added:
             if self.config.accept_member is not None and not self.config.accept_member(identity):
-                self.emit("member_rejected", identity)
+                self.emit("member_rejected", RejectedMember(identity, "accept_member refused it"))
         self._prepare(group, added=added, removed=tuple(m.identity for m in applied.removed))
         return applied
 
@@ -468,6 +524,13 @@ class MlsSession(EventEmitter):
         pinned = self.config.ds_public_key
         if pinned is not None and config.ds_public_key != pinned:
             raise DsKeyMismatch("the delivery service's key is not the pinned one")
+        if self.config.authority_keys and set(config.authority_keys) != set(
+            self.config.authority_keys
+        ):
+            raise SessionError(
+                "the delivery service does not check credentials with this session's "
+                "identity authority: start it with --authority-key set to the same keys"
+            )
         if config.ring_size != self.config.ring_size:
             raise SessionError(
                 f"the room's key ring size is {config.ring_size}, this session uses "
@@ -519,6 +582,74 @@ class MlsSession(EventEmitter):
         except (EpochConflict, NotJoined) as e:
             log.debug("%s: ready for %d not counted: %s", self.identity, epoch, e)
 
+    # ---- credentials (authority mode) -------------------------------------------------
+
+    async def _fetch_credential(self) -> bytes:
+        source = self.config.credentials
+        assert source is not None
+        try:
+            return await source(self.key_pair.public_key)
+        except Exception as e:
+            raise SessionError(f"could not get a credential from the app: {e}") from e
+
+    def _install_credential(self, credential: bytes) -> None:
+        """Our credential from now on (key packages, re-joins): it must pass the checks
+        every other member makes (raises SessionError otherwise)."""
+        try:
+            self._client = mls.MlsClient(
+                self.identity, self.key_pair, credential=credential, authority=self.authority
+            )
+        except (mls.MlsError, ValueError) as e:
+            raise SessionError(f"the app's credential for {self.identity!r} is refused: {e}") from e
+        self.credential = credential
+
+    def _credential_expires(self) -> float:
+        assert self.credential is not None
+        return float(mls.decode_credential(self.credential).not_after)
+
+    async def _renew_credentials(self) -> None:
+        """Before our credential expires, gets a new one and commits it (an update), so
+        that no member ever holds an expired leaf (joiners refuse a group that has one)."""
+        while not self._stopping:
+            due = self._credential_expires() - self.config.credential_renewal
+            await asyncio.sleep(max(0.0, due - time.time()))
+            credential = await self._fetch_credential()
+            while not self._stopping and not await self._commit_renewal(credential):
+                # try again after the next event (e.g. the transition that blocked it)
+                with contextlib.suppress(TimeoutError):
+                    async with self._changed:
+                        await asyncio.wait_for(self._changed.wait(), self.config.retry_max)
+
+    async def _commit_renewal(self, credential: bytes) -> bool:
+        """Commits ``credential`` as ours when the group is quiet; True once accepted."""
+        async with self._lock:
+            group = self.group
+            if group is None:  # between groups: our next key package carries it
+                self._install_credential(credential)
+                return True
+            if group.has_pending_commit or self.executed_epoch != group.epoch:
+                return False
+            try:
+                output = group.commit_renewal(self.key_pair, credential)
+            except mls.MlsError as e:
+                log.warning("%s: cannot renew the credential: %s", self.identity, e)
+                return False
+            self._pending_commit = (group.epoch, output)
+            try:
+                await self.ds.submit_commit(
+                    group.epoch, output.commit, output.welcome or b"", output.group_info or b""
+                )
+            except DeliveryServiceError as e:
+                # another commit won, proposals are pending (then only the designee
+                # commits), or the update interval has not passed: try again later
+                log.info("%s: credential renewal not accepted yet: %s", self.identity, e)
+                group.discard_pending_commit()
+                self._pending_commit = None
+                return False
+            self._install_credential(credential)
+            log.info("%s: credential renewed", self.identity)
+            return True
+
     async def _retry(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         """Retries an idempotent unary call while the DS is unreachable, with backoff, for
         up to ``timeout`` seconds (default ``retry_timeout``; a session that is stopping
@@ -536,3 +667,9 @@ class MlsSession(EventEmitter):
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
+
+
+def _named(reason: str) -> str | None:
+    """The identity a credential refusal names (the engine quotes it), if any."""
+    match = re.search(r'credential of "((?:[^"\\]|\\.)*)"', reason)
+    return match.group(1) if match else None

@@ -190,8 +190,7 @@ class DeliveryClient:
         return self._stub
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self._token() if callable(self._token) else self._token
-        return (("authorization", f"Bearer {token}"),)
+        return (("authorization", f"Bearer {self._current_token()}"),)
 
     async def join(self, key_package: bytes) -> pb.JoinResponse:
         response: pb.JoinResponse = await self._call(
@@ -225,6 +224,21 @@ class DeliveryClient:
 
     async def report_disconnect(self, identity: str) -> None:
         await self._call(self.stub.ReportDisconnect, pb.ReportDisconnectRequest(identity=identity))
+
+    @property
+    def room(self) -> str:
+        """The LiveKit room our token names (read without verifying: it is our own)."""
+        try:
+            claims = jwt.decode(self._current_token(), options={"verify_signature": False})
+            room = claims["video"]["room"]
+        except (jwt.PyJWTError, KeyError, TypeError) as e:
+            raise ValueError(f"the access token names no room: {e}") from None
+        if not isinstance(room, str) or not room:
+            raise ValueError("the access token names no room")
+        return room
+
+    def _current_token(self) -> str:
+        return self._token() if callable(self._token) else self._token
 
     def has_fresh_token(self) -> bool:
         """Whether the token source hands out a token that has not expired yet (a

@@ -44,6 +44,7 @@ class RoomConfig(_message.Message):
     CIPHER_SUITE_FIELD_NUMBER: _builtins.int
     DS_SIGNING_IDENTITY_FIELD_NUMBER: _builtins.int
     DS_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    AUTHORITY_KEYS_FIELD_NUMBER: _builtins.int
     group_id: _builtins.bytes
     """MLS group id of the current generation (empty while nobody created it yet)."""
     generation: _builtins.int
@@ -56,6 +57,12 @@ class RoomConfig(_message.Message):
     """The DS's MLS SigningIdentity: the group's only external sender."""
     ds_public_key: _builtins.bytes
     """The DS's signature public key (clients may pin it)."""
+    @_builtins.property
+    def authority_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Authority mode: the public keys (Ed25519) of the app's identity authority the DS
+        checks every credential with. A member that pins other keys refuses the room.
+        """
+
     def __init__(
         self,
         *,
@@ -65,10 +72,11 @@ class RoomConfig(_message.Message):
         cipher_suite: _builtins.int = ...,
         ds_signing_identity: _builtins.bytes = ...,
         ds_public_key: _builtins.bytes = ...,
+        authority_keys: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_suite", b"cipher_suite", "ds_public_key", b"ds_public_key", "ds_signing_identity", b"ds_signing_identity", "generation", b"generation", "group_id", b"group_id", "ring_size", b"ring_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_keys", b"authority_keys", "cipher_suite", b"cipher_suite", "ds_public_key", b"ds_public_key", "ds_signing_identity", b"ds_signing_identity", "generation", b"generation", "group_id", b"group_id", "ring_size", b"ring_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

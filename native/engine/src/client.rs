@@ -8,7 +8,8 @@ use mls_rs::mls_rs_codec::{MlsDecode, MlsEncode};
 use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
 use mls_rs::{CipherSuiteProvider, CryptoProvider, ExtensionList, MlsMessage};
 
-use crate::config::{self, check_identity, ClientConfig, Utf8IdentityProvider};
+use crate::config::{self, check_identity, ClientConfig, LivekitIdentityProvider};
+use crate::credential::{Authority, AuthorityCredential};
 use crate::error::{Error, ErrorKind, Result};
 use crate::group::Group;
 
@@ -84,15 +85,42 @@ impl SignatureKeyPair {
         self.secret.as_bytes()
     }
 
+    /// A plain signature over `data` with this key (Ed25519 for suite 1), e.g. an identity
+    /// authority vouching for a credential (`credential::signed_bytes`).
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let provider = suite_provider(self.cipher_suite)?;
+        provider.sign(&self.secret, data).map_err(crypto_error)
+    }
+
     pub(crate) fn secret(&self) -> &SignatureSecretKey {
         &self.secret
     }
 
-    /// The MLS SigningIdentity of `identity` with this key, as mls-rs types.
+    /// The MLS SigningIdentity of `identity` with this key and a basic credential.
     pub(crate) fn signing_identity(&self, identity: &str) -> Result<SigningIdentity> {
         check_identity(identity.as_bytes())?;
         let credential = BasicCredential::new(identity.as_bytes().to_vec()).into_credential();
         Ok(SigningIdentity::new(credential, self.public.clone()))
+    }
+
+    /// The SigningIdentity of this key with an authority credential (its body, as the
+    /// app's backend issued it for this key), which must name `identity`.
+    pub(crate) fn vouched_identity(
+        &self,
+        identity: &str,
+        credential: &[u8],
+    ) -> Result<SigningIdentity> {
+        let vouched = AuthorityCredential::decode(credential)?;
+        if vouched.identity != identity {
+            return Err(Error::invalid_argument(format!(
+                "the credential names {:?}, not {:?}",
+                vouched.identity, identity
+            )));
+        }
+        Ok(SigningIdentity::new(
+            vouched.to_credential()?,
+            self.public.clone(),
+        ))
     }
 }
 
@@ -126,43 +154,76 @@ pub(crate) fn parse_message(bytes: &[u8]) -> Result<MlsMessage> {
     Ok(message)
 }
 
+/// How a client is set up beyond its identity and key.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The authority credential (its body) the app's identity authority issued for this
+    /// client's signature key; None: a basic credential (open mode).
+    pub credential: Option<Vec<u8>>,
+    /// The authorities this client trusts, for its room: every credential in its groups
+    /// must be vouched for by one of them. None: open mode.
+    pub authority: Option<Authority>,
+    /// False makes add-only commits without an UpdatePath: RFC 9420 allows it (other
+    /// implementations do by default), livekit-mls requires a path and its delivery
+    /// service refuses such commits. Only for tests of that rule.
+    pub require_update_path: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            credential: None,
+            authority: None,
+            require_update_path: true,
+        }
+    }
+}
+
 /// One participant identity with its signature key, able to make key packages and to
 /// create, join and load groups.
 #[derive(Clone)]
 pub struct Client {
     identity: String,
     key_pair: SignatureKeyPair,
+    signing_identity: SigningIdentity,
     inner: mls_rs::Client<ClientConfig>,
     storage: InMemoryGroupStateStorage,
     path_required: bool,
 }
 
 impl Client {
+    /// A client in open mode with a basic credential.
     pub fn new(identity: &str, key_pair: SignatureKeyPair) -> Result<Self> {
-        Self::with_update_path(identity, key_pair, true)
+        Self::with_options(identity, key_pair, ClientOptions::default())
     }
 
-    /// A client whose add-only commits carry an UpdatePath only if `required`. RFC 9420
-    /// allows omitting it (other implementations do by default); livekit-mls requires it
-    /// and its delivery service refuses such commits. Only for tests of that rule.
-    pub fn with_update_path(
+    pub fn with_options(
         identity: &str,
         key_pair: SignatureKeyPair,
-        required: bool,
+        options: ClientOptions,
     ) -> Result<Self> {
-        let signing_identity = key_pair.signing_identity(identity)?;
+        let signing_identity = match &options.credential {
+            Some(credential) => key_pair.vouched_identity(identity, credential)?,
+            None => key_pair.signing_identity(identity)?,
+        };
+        if let Some(authority) = &options.authority {
+            // our own credential must pass the checks every other member will make
+            authority.verify(&signing_identity, crate::credential::now_seconds())?;
+        }
         let suite = config::cipher_suite(key_pair.cipher_suite)?;
         let storage = InMemoryGroupStateStorage::new();
+        let required = options.require_update_path;
         let inner = mls_rs::Client::builder()
             .crypto_provider(config::crypto_provider())
-            .identity_provider(Utf8IdentityProvider)
+            .identity_provider(LivekitIdentityProvider::new(options.authority))
             .mls_rules(config::mls_rules_with(required))
             .group_state_storage(storage.clone())
-            .signing_identity(signing_identity, key_pair.secret.clone(), suite)
+            .signing_identity(signing_identity.clone(), key_pair.secret.clone(), suite)
             .build();
         Ok(Self {
             identity: identity.to_owned(),
             key_pair,
+            signing_identity,
             inner,
             storage,
             path_required: required,
@@ -183,7 +244,7 @@ impl Client {
 
     /// This client's SigningIdentity in MLS wire format.
     pub fn signing_identity(&self) -> Result<Vec<u8>> {
-        encode_signing_identity(&self.identity, self.key_pair.public_key())
+        Ok(self.signing_identity.mls_encode_to_vec()?)
     }
 
     /// A fresh KeyPackage (MLSMessage). Its private keys stay inside this client (and its

@@ -1,6 +1,8 @@
 //! The one mls-rs configuration every party uses: members and the delivery service's
 //! observer must run identical rules, because the rules filter proposals on receipt too.
 
+use std::sync::Arc;
+
 use mls_rs::client_builder::{self, PaddingMode};
 use mls_rs::error::IntoAnyError;
 use mls_rs::external_client::builder as external_builder;
@@ -12,6 +14,7 @@ use mls_rs::{CipherSuite, ExtensionList, IdentityProvider};
 use mls_rs_core::identity::MemberValidationContext;
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 
+use crate::credential::{authority_credential, now_seconds, Authority, AUTHORITY_CREDENTIAL_TYPE};
 use crate::error::{Error, Result};
 
 /// Longest identity accepted in a credential (LiveKit identities are short strings).
@@ -28,7 +31,7 @@ pub const SUPPORTED_CIPHER_SUITES: [u16; 4] = [1, 2, 3, 7];
 pub type ClientConfig = client_builder::WithMlsRules<
     DefaultMlsRules,
     client_builder::WithIdentityProvider<
-        Utf8IdentityProvider,
+        LivekitIdentityProvider,
         client_builder::WithCryptoProvider<RustCryptoProvider, client_builder::BaseConfig>,
     >,
 >;
@@ -37,7 +40,7 @@ pub type ClientConfig = client_builder::WithMlsRules<
 pub type ObserverConfig = external_builder::WithMlsRules<
     DefaultMlsRules,
     external_builder::WithIdentityProvider<
-        Utf8IdentityProvider,
+        LivekitIdentityProvider,
         external_builder::WithCryptoProvider<
             RustCryptoProvider,
             external_builder::ExternalBaseConfig,
@@ -101,30 +104,54 @@ pub fn check_identity(identity: &[u8]) -> Result<&str> {
         .map_err(|_| Error::validation("InvalidIdentity", "identity is not valid UTF-8"))
 }
 
-/// The identity (credential identifier) of a signing identity, as text.
+/// The identity of a signing identity, as text: the identifier of a basic credential or
+/// the identity an authority credential names.
 pub fn identity_of(signing_identity: &SigningIdentity) -> Result<String> {
-    let basic = signing_identity.credential.as_basic().ok_or_else(|| {
-        Error::validation(
-            "UnsupportedCredential",
-            "only basic credentials are accepted",
-        )
-    })?;
-    Ok(check_identity(&basic.identifier)?.to_owned())
+    let credential = &signing_identity.credential;
+    match authority_credential(credential)? {
+        Some(vouched) => Ok(vouched.identity),
+        None => {
+            let basic = credential.as_basic().ok_or_else(|| {
+                Error::validation("UnsupportedCredential", "unsupported credential")
+            })?;
+            Ok(check_identity(&basic.identifier)?.to_owned())
+        }
+    }
 }
 
-/// Basic credentials whose identifier is a UTF-8 LiveKit participant identity.
+/// How members (and the delivery service's observer) accept credentials.
 ///
-/// mls-rs `tree_index` already rejects two leaves with the same identity, matching
+/// * Open mode (no authority): a basic credential whose identifier is the UTF-8 LiveKit
+///   identity, or an authority credential (its identity is used, its signature is not
+///   checked: nobody pinned an authority).
+/// * Authority mode: only authority credentials, signed by a pinned authority for this
+///   leaf's signature key, valid now (give or take the clock skew), for the member's room.
+///
+/// Every leaf advertises both credential types: the group's external sender (the DS) keeps
+/// its basic credential, and RFC 9420 requires every leaf to support the credential types
+/// in use. mls-rs `tree_index` rejects two leaves with the same identity, matching
 /// LiveKit's one-identity-per-room rule.
 #[derive(Clone, Debug, Default)]
-pub struct Utf8IdentityProvider;
+pub struct LivekitIdentityProvider {
+    authority: Option<Arc<Authority>>,
+}
 
+impl LivekitIdentityProvider {
+    pub fn new(authority: Option<Authority>) -> Self {
+        Self {
+            authority: authority.map(Arc::new),
+        }
+    }
+}
+
+/// A credential refused by [`LivekitIdentityProvider`]: the engine error saying why (mls-rs
+/// carries it through as `IdentityProviderError`; `error.rs` unwraps it again).
 #[derive(Debug)]
-pub struct IdentityRejected(String);
+pub struct IdentityRejected(pub Error);
 
 impl std::fmt::Display for IdentityRejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.0.message)
     }
 }
 
@@ -136,22 +163,32 @@ impl IntoAnyError for IdentityRejected {
     }
 }
 
-fn validate(signing_identity: &SigningIdentity) -> std::result::Result<Vec<u8>, IdentityRejected> {
-    identity_of(signing_identity)
-        .map(String::into_bytes)
-        .map_err(|e| IdentityRejected(e.message))
+impl From<Error> for IdentityRejected {
+    fn from(e: Error) -> Self {
+        IdentityRejected(e)
+    }
 }
 
-impl IdentityProvider for Utf8IdentityProvider {
+impl IdentityProvider for LivekitIdentityProvider {
     type Error = IdentityRejected;
 
     fn validate_member(
         &self,
         signing_identity: &SigningIdentity,
-        _timestamp: Option<MlsTime>,
+        timestamp: Option<MlsTime>,
         _context: MemberValidationContext<'_>,
     ) -> std::result::Result<(), Self::Error> {
-        validate(signing_identity).map(|_| ())
+        match &self.authority {
+            Some(authority) => {
+                // receivers of a commit get no time from mls-rs: they check against now
+                let now = timestamp.map_or_else(now_seconds, |t| t.seconds_since_epoch());
+                authority.verify(signing_identity, now)?;
+            }
+            None => {
+                identity_of(signing_identity)?;
+            }
+        }
+        Ok(())
     }
 
     fn validate_external_sender(
@@ -160,7 +197,15 @@ impl IdentityProvider for Utf8IdentityProvider {
         _timestamp: Option<MlsTime>,
         _extensions: Option<&ExtensionList>,
     ) -> std::result::Result<(), Self::Error> {
-        validate(signing_identity).map(|_| ())
+        // the delivery service: a basic credential (its key is pinned by the session)
+        let basic = signing_identity.credential.as_basic().ok_or_else(|| {
+            IdentityRejected(Error::validation(
+                "UnsupportedCredential",
+                "the external sender must have a basic credential",
+            ))
+        })?;
+        check_identity(&basic.identifier)?;
+        Ok(())
     }
 
     fn identity(
@@ -168,7 +213,7 @@ impl IdentityProvider for Utf8IdentityProvider {
         signing_identity: &SigningIdentity,
         _extensions: &ExtensionList,
     ) -> std::result::Result<Vec<u8>, Self::Error> {
-        validate(signing_identity)
+        Ok(identity_of(signing_identity)?.into_bytes())
     }
 
     fn valid_successor(
@@ -177,10 +222,19 @@ impl IdentityProvider for Utf8IdentityProvider {
         successor: &SigningIdentity,
         _extensions: &ExtensionList,
     ) -> std::result::Result<bool, Self::Error> {
-        Ok(validate(predecessor)? == validate(successor)?)
+        // a leaf may renew its credential (a new validity period), never change its
+        // identity or room
+        let room = |si: &SigningIdentity| -> Result<Option<String>> {
+            Ok(authority_credential(&si.credential)?.map(|c| c.room))
+        };
+        Ok(identity_of(predecessor)? == identity_of(successor)?
+            && room(predecessor)? == room(successor)?)
     }
 
     fn supported_types(&self) -> Vec<CredentialType> {
-        vec![BasicCredential::credential_type()]
+        vec![
+            BasicCredential::credential_type(),
+            CredentialType::new(AUTHORITY_CREDENTIAL_TYPE),
+        ]
     }
 }

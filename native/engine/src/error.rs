@@ -116,6 +116,15 @@ fn kind_of(err: &MlsError) -> ErrorKind {
 
 impl From<MlsError> for Error {
     fn from(err: MlsError) -> Self {
+        if let MlsError::IdentityProviderError(inner) = &err {
+            // a credential refused by our identity provider: its own error says why
+            if let Some(rejected) = inner
+                .inner_dyn_error()
+                .downcast_ref::<crate::config::IdentityRejected>()
+            {
+                return rejected.0.clone();
+            }
+        }
         Self {
             kind: kind_of(&err),
             code: variant_name(&err),

@@ -7,6 +7,7 @@ use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
 use mls_rs::{ExtensionList, GroupStateStorage};
 
 use crate::client::parse_message;
+use crate::client::SignatureKeyPair;
 use crate::config::{identity_of, ClientConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::types::{
@@ -184,6 +185,28 @@ impl Group {
             builder = builder.remove_member(*leaf)?;
         }
         let output = builder.build()?;
+        self.finish_commit(output)
+    }
+
+    /// A commit of every cached proposal that also renews this member's credential: the
+    /// app's identity authority issued `credential` (an authority credential body, for the
+    /// same identity) for `key_pair`, which becomes this member's signature key.
+    pub fn commit_renewal(
+        &mut self,
+        key_pair: &SignatureKeyPair,
+        credential: &[u8],
+    ) -> Result<CommitOutput> {
+        self.usable()?;
+        let signing_identity = key_pair.vouched_identity(&self.identity()?, credential)?;
+        let output = self
+            .inner
+            .commit_builder()
+            .set_new_signing_identity(key_pair.secret().clone(), signing_identity)
+            .build()?;
+        self.finish_commit(output)
+    }
+
+    fn finish_commit(&mut self, output: mls_rs::group::CommitOutput) -> Result<CommitOutput> {
         let welcome = output
             .welcome_messages
             .first()

@@ -13,12 +13,14 @@
 
 pub mod client;
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod group;
 pub mod observer;
 pub mod types;
 
-pub use client::{encode_signing_identity, Client, SignatureKeyPair};
+pub use client::{encode_signing_identity, Client, ClientOptions, SignatureKeyPair};
+pub use credential::{Authority, AuthorityCredential, AUTHORITY_CREDENTIAL_TYPE};
 pub use error::{Error, ErrorKind, Result};
 pub use group::{CommitOutput, Group};
 pub use observer::{KeyPackageInfo, ObservedGroup, Observer};

@@ -10,7 +10,8 @@ use mls_rs::identity::SigningIdentity;
 use mls_rs::MlsMessage;
 
 use crate::client::{encode_signing_identity, parse_message, suite_provider, SignatureKeyPair};
-use crate::config::{self, identity_of, ObserverConfig, Utf8IdentityProvider};
+use crate::config::{self, identity_of, LivekitIdentityProvider, ObserverConfig};
+use crate::credential::{authority_credential, Authority};
 use crate::error::{Error, Result};
 use crate::types::{commit_applied, members_of, proposal_received, Member, Received, RosterView};
 
@@ -22,6 +23,9 @@ pub struct KeyPackageInfo {
     pub signature_key: Vec<u8>,
     /// KeyPackageRef (RFC 9420 §5.2): how a Welcome names its recipients.
     pub reference: Vec<u8>,
+    /// For an authority credential: the room it names and when it expires (Unix s).
+    pub room: Option<String>,
+    pub not_after: Option<u64>,
 }
 
 /// The delivery service's MLS identity: its signing key and the observer client.
@@ -32,11 +36,17 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(identity: &str, key_pair: SignatureKeyPair) -> Result<Self> {
+    /// The DS's observer; with an `authority` (no room: the DS checks each key package's
+    /// room against its caller's token), every credential must be vouched for by it.
+    pub fn new(
+        identity: &str,
+        key_pair: SignatureKeyPair,
+        authority: Option<Authority>,
+    ) -> Result<Self> {
         let signing_identity = key_pair.signing_identity(identity)?;
         let inner = ExternalClient::builder()
             .crypto_provider(config::crypto_provider())
-            .identity_provider(Utf8IdentityProvider)
+            .identity_provider(LivekitIdentityProvider::new(authority))
             .mls_rules(config::mls_rules())
             .signer(key_pair.secret().clone(), signing_identity)
             .build();
@@ -86,11 +96,14 @@ impl Observer {
             .ok_or_else(|| Error::decode("not a key package"))?;
         let kp = self.inner.validate_key_package(message, None)?;
         let signing_identity = kp.signing_identity();
+        let vouched = authority_credential(&signing_identity.credential)?;
         Ok(KeyPackageInfo {
             identity: identity_of(signing_identity)?,
             cipher_suite: cipher_suite.into(),
             signature_key: signing_identity.signature_key.as_bytes().to_vec(),
             reference: reference.to_vec(),
+            room: vouched.as_ref().map(|c| c.room.clone()),
+            not_after: vouched.map(|c| c.not_after),
         })
     }
 }

@@ -6,6 +6,7 @@ use mls_rs::identity::SigningIdentity;
 use mls_rs::mls_rules::ProposalSource;
 
 use crate::config::identity_of;
+use crate::credential::authority_credential;
 use crate::error::{Error, Result};
 
 /// A leaf of the ratchet tree: who is in the group.
@@ -14,15 +15,22 @@ pub struct Member {
     pub leaf_index: u32,
     pub identity: String,
     pub signature_key: Vec<u8>,
+    /// When its authority credential expires (Unix seconds); None for a basic credential.
+    pub not_after: Option<u64>,
 }
 
 impl Member {
-    pub(crate) fn from_mls(member: &mls_rs::group::Member) -> Result<Self> {
+    pub(crate) fn from_signing_identity(leaf_index: u32, si: &SigningIdentity) -> Result<Self> {
         Ok(Self {
-            leaf_index: member.index,
-            identity: identity_of(&member.signing_identity)?,
-            signature_key: member.signing_identity.signature_key.as_bytes().to_vec(),
+            leaf_index,
+            identity: identity_of(si)?,
+            signature_key: si.signature_key.as_bytes().to_vec(),
+            not_after: authority_credential(&si.credential)?.map(|c| c.not_after),
         })
+    }
+
+    pub(crate) fn from_mls(member: &mls_rs::group::Member) -> Result<Self> {
+        Self::from_signing_identity(member.index, &member.signing_identity)
     }
 }
 
@@ -225,11 +233,7 @@ pub(crate) fn commit_applied(
                 )
             })?,
         };
-        added.push(Member {
-            leaf_index,
-            identity: identity_of(signing_identity)?,
-            signature_key: signing_identity.signature_key.as_bytes().to_vec(),
-        });
+        added.push(Member::from_signing_identity(leaf_index, signing_identity)?);
     }
 
     if desc.is_external {

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{client, commit_of};
-use mls_engine::{Client, Group, ObservedGroup, Observer, SignatureKeyPair};
+use mls_engine::{Client, ClientOptions, Group, ObservedGroup, Observer, SignatureKeyPair};
 
 /// alice (the committer), then bob, carol, dave, erin at leaves 1..=4, all added through
 /// DS proposals; every group and the observer at the same epoch.
@@ -17,7 +17,12 @@ struct Room {
 
 impl Room {
     fn new() -> Self {
-        let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+        let ds = Observer::new(
+            "livekit-mls-ds",
+            SignatureKeyPair::generate(1).unwrap(),
+            None,
+        )
+        .unwrap();
         let alice = client("alice");
         let alice_group = alice
             .create_group(b"room", &[ds.signing_identity().unwrap()])
@@ -188,9 +193,18 @@ fn an_update_only_commit_is_summarised_alike() {
 
 #[test]
 fn the_observer_sees_whether_a_commit_carries_a_path() {
-    let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let ds = Observer::new(
+        "livekit-mls-ds",
+        SignatureKeyPair::generate(1).unwrap(),
+        None,
+    )
+    .unwrap();
+    let options = ClientOptions {
+        require_update_path: false,
+        ..ClientOptions::default()
+    };
     let lax =
-        Client::with_update_path("alice", SignatureKeyPair::generate(1).unwrap(), false).unwrap();
+        Client::with_options("alice", SignatureKeyPair::generate(1).unwrap(), options).unwrap();
     let mut alice = lax
         .create_group(b"room", &[ds.signing_identity().unwrap()])
         .unwrap();

@@ -15,7 +15,12 @@ fn secret(group: &Group, identity: &str) -> Vec<u8> {
 
 #[test]
 fn a_room_grows_and_shrinks_through_ds_proposals() {
-    let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let ds = Observer::new(
+        "livekit-mls-ds",
+        SignatureKeyPair::generate(1).unwrap(),
+        None,
+    )
+    .unwrap();
     let alice = client("alice");
     let bob = client("bob");
 
@@ -66,7 +71,12 @@ fn a_room_grows_and_shrinks_through_ds_proposals() {
 
 #[test]
 fn stale_and_replayed_commits_are_epoch_errors() {
-    let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let ds = Observer::new(
+        "livekit-mls-ds",
+        SignatureKeyPair::generate(1).unwrap(),
+        None,
+    )
+    .unwrap();
     let alice = client("alice");
     let mut group = alice
         .create_group(b"room", &[ds.signing_identity().unwrap()])
@@ -80,7 +90,12 @@ fn stale_and_replayed_commits_are_epoch_errors() {
 
 #[test]
 fn a_group_info_describes_only_the_epoch_its_commit_creates() {
-    let ds = Observer::new("livekit-mls-ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let ds = Observer::new(
+        "livekit-mls-ds",
+        SignatureKeyPair::generate(1).unwrap(),
+        None,
+    )
+    .unwrap();
     let mut group = client("alice")
         .create_group(b"room", &[ds.signing_identity().unwrap()])
         .unwrap();

@@ -61,7 +61,7 @@ struct Corpus {
 }
 
 fn corpus() -> Corpus {
-    let observer = Observer::new("ds", SignatureKeyPair::generate(1).unwrap()).unwrap();
+    let observer = Observer::new("ds", SignatureKeyPair::generate(1).unwrap(), None).unwrap();
     let alice = Client::new("alice", SignatureKeyPair::generate(1).unwrap()).unwrap();
     let bob = Client::new("bob", SignatureKeyPair::generate(1).unwrap()).unwrap();
     let mut group = alice

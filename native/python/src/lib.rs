@@ -108,6 +108,7 @@ struct Member {
     leaf_index: u32,
     identity: String,
     signature_key: Vec<u8>,
+    not_after: Option<u64>,
 }
 
 #[pymethods]
@@ -126,6 +127,7 @@ impl From<engine::Member> for Member {
             leaf_index: m.leaf_index,
             identity: m.identity,
             signature_key: m.signature_key,
+            not_after: m.not_after,
         }
     }
 }
@@ -288,6 +290,8 @@ struct KeyPackageInfo {
     cipher_suite: u16,
     signature_key: Vec<u8>,
     reference: Vec<u8>,
+    room: Option<String>,
+    not_after: Option<u64>,
 }
 
 #[pymethods]
@@ -373,15 +377,23 @@ struct MlsClient {
 #[pymethods]
 impl MlsClient {
     #[new]
-    #[pyo3(signature = (identity, key_pair, *, require_update_path = true))]
+    #[pyo3(signature = (
+        identity, key_pair, *, credential = None, authority = None, require_update_path = true
+    ))]
     fn new(
         identity: &str,
         key_pair: &SignatureKeyPair,
+        credential: Option<Vec<u8>>,
+        authority: Option<&Authority>,
         require_update_path: bool,
     ) -> PyResult<Self> {
-        let inner =
-            engine::Client::with_update_path(identity, key_pair.inner.clone(), require_update_path)
-                .map_err(to_py_err)?;
+        let options = engine::ClientOptions {
+            credential,
+            authority: authority.map(|a| a.inner.clone()),
+            require_update_path,
+        };
+        let inner = engine::Client::with_options(identity, key_pair.inner.clone(), options)
+            .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -574,6 +586,23 @@ impl Group {
         })
     }
 
+    /// A commit of every cached proposal that also renews our credential (and signature
+    /// key: ``key_pair``, for which the authority issued ``credential``).
+    fn commit_renewal(
+        &self,
+        py: Python<'_>,
+        key_pair: &SignatureKeyPair,
+        credential: Vec<u8>,
+    ) -> PyResult<CommitOutput> {
+        let pair = key_pair.inner.clone();
+        let output = self.with(py, move |g| g.commit_renewal(&pair, &credential))?;
+        Ok(CommitOutput {
+            commit: output.commit,
+            welcome: output.welcome,
+            group_info: output.group_info,
+        })
+    }
+
     fn apply_pending_commit(&self, py: Python<'_>) -> PyResult<CommitApplied> {
         Ok(commit_to_py(self.with(py, |g| g.apply_pending_commit())?))
     }
@@ -634,8 +663,18 @@ struct ExternalObserver {
 #[pymethods]
 impl ExternalObserver {
     #[new]
-    fn new(identity: &str, key_pair: &SignatureKeyPair) -> PyResult<Self> {
-        let inner = engine::Observer::new(identity, key_pair.inner.clone()).map_err(to_py_err)?;
+    #[pyo3(signature = (identity, key_pair, *, authority = None))]
+    fn new(
+        identity: &str,
+        key_pair: &SignatureKeyPair,
+        authority: Option<&Authority>,
+    ) -> PyResult<Self> {
+        let inner = engine::Observer::new(
+            identity,
+            key_pair.inner.clone(),
+            authority.map(|a| a.inner.clone()),
+        )
+        .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -670,6 +709,8 @@ impl ExternalObserver {
             cipher_suite: info.cipher_suite,
             signature_key: info.signature_key,
             reference: info.reference,
+            room: info.room,
+            not_after: info.not_after,
         })
     }
 
@@ -790,6 +831,102 @@ impl ObservedGroup {
 
 /// Routing facts of an MLS message (wire format, content type, group id, epoch, sender),
 /// without any group state.
+/// The identity authorities a member (or the DS) trusts: every credential must be an
+/// authority credential signed by one of ``public_keys`` (Ed25519) and, with a ``room``,
+/// name that room.
+#[pyclass(module = "mls_provider._mls", frozen)]
+struct Authority {
+    inner: engine::Authority,
+}
+
+#[pymethods]
+impl Authority {
+    #[new]
+    #[pyo3(signature = (public_keys, room = None))]
+    fn new(public_keys: Vec<Vec<u8>>, room: Option<String>) -> PyResult<Self> {
+        Ok(Self {
+            inner: engine::Authority::new(public_keys, room).map_err(to_py_err)?,
+        })
+    }
+
+    #[getter]
+    fn public_keys(&self) -> Vec<Vec<u8>> {
+        self.inner.public_keys().to_vec()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Authority({} key(s))", self.inner.public_keys().len())
+    }
+}
+
+/// An authority credential, decoded (its signature is not checked here).
+#[pyclass(module = "mls_provider._mls", frozen, get_all)]
+struct AuthorityCredential {
+    identity: String,
+    room: String,
+    not_before: u64,
+    not_after: u64,
+    signature: Vec<u8>,
+}
+
+#[pymethods]
+impl AuthorityCredential {
+    fn __repr__(&self) -> String {
+        format!(
+            "AuthorityCredential(identity={:?}, room={:?}, not_before={}, not_after={})",
+            self.identity, self.room, self.not_before, self.not_after
+        )
+    }
+}
+
+/// The bytes an identity authority signs to vouch for ``identity`` in ``room`` holding
+/// ``signature_key`` from ``not_before`` to ``not_after`` (Unix seconds).
+#[pyfunction]
+fn credential_signed_bytes(
+    signature_key: &[u8],
+    identity: &str,
+    room: &str,
+    not_before: u64,
+    not_after: u64,
+) -> PyResult<Vec<u8>> {
+    engine::credential::signed_bytes(signature_key, identity, room, not_before, not_after)
+        .map_err(to_py_err)
+}
+
+/// The body of an authority credential (what ``MlsClient(credential=...)`` takes).
+#[pyfunction]
+fn encode_credential(
+    identity: &str,
+    room: &str,
+    not_before: u64,
+    not_after: u64,
+    signature: Vec<u8>,
+) -> PyResult<Vec<u8>> {
+    let credential = engine::AuthorityCredential {
+        identity: identity.to_owned(),
+        room: room.to_owned(),
+        not_before,
+        not_after,
+        signature,
+    };
+    // encode what decodes: the same checks as for a received credential
+    let encoded = credential.encode().map_err(to_py_err)?;
+    engine::AuthorityCredential::decode(&encoded).map_err(to_py_err)?;
+    Ok(encoded)
+}
+
+#[pyfunction]
+fn decode_credential(data: &[u8]) -> PyResult<AuthorityCredential> {
+    let c = engine::AuthorityCredential::decode(data).map_err(to_py_err)?;
+    Ok(AuthorityCredential {
+        identity: c.identity,
+        room: c.room,
+        not_before: c.not_before,
+        not_after: c.not_after,
+        signature: c.signature,
+    })
+}
+
 #[pyfunction]
 fn message_info(py: Python<'_>, message: &[u8]) -> PyResult<MessageInfo> {
     let info = run(py, || engine::message_info(message))?;
@@ -835,5 +972,14 @@ fn _mls(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MessageInfo>()?;
     m.add_class::<KeyPackageInfo>()?;
     m.add_function(wrap_pyfunction!(message_info, m)?)?;
+    m.add_class::<Authority>()?;
+    m.add_class::<AuthorityCredential>()?;
+    m.add_function(wrap_pyfunction!(credential_signed_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_credential, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_credential, m)?)?;
+    m.add(
+        "AUTHORITY_CREDENTIAL_TYPE",
+        engine::AUTHORITY_CREDENTIAL_TYPE,
+    )?;
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Helpers shared by the engine's integration tests.
+//! Helpers shared by the engine's integration tests (each test crate uses some of them).
+
+#![allow(dead_code)]
 
 use mls_engine::{Client, CommitApplied, Received, SignatureKeyPair};
 
