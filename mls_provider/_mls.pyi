@@ -67,6 +67,9 @@ class CommitOutput:
     """The Welcome for the members the commit adds."""
     group_info: bytes | None
     """The new epoch's GroupInfo (with ratchet tree, allows external commits)."""
+    left_out: list[str]
+    """Proposals the commit left out because our rules refused them (an Add whose
+    credential is not vouched for: the identity it would have added)."""
 
 @final
 class ProposalReceived:
@@ -197,6 +200,9 @@ class MlsClient:
     def cipher_suite(self) -> int: ...
     @property
     def key_pair(self) -> SignatureKeyPair: ...
+    def renewed(self, credential: bytes) -> MlsClient:
+        """This client with a renewed authority credential (same signature key); key
+        packages handed out before stay usable."""
     def signing_identity(self) -> bytes:
         """This client's SigningIdentity in MLS wire format."""
     def generate_key_package(self) -> bytes:

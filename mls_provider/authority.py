@@ -13,7 +13,7 @@ The backend issues a credential next to where it mints LiveKit tokens::
     authority = IdentityAuthority.load("authority.key")       # the app's secret
     credential = authority.issue(identity, room, signature_public_key)
 
-and the client asks for it with its signature public key (``SessionConfig.credentials``).
+and the client asks for it with its signature public key (``SessionConfig.get_credential``).
 ``livekit-mls-authority create authority.key`` makes a key and prints its public half.
 """
 
@@ -86,9 +86,12 @@ class IdentityAuthority:
         not_before: int | None = None,
     ) -> bytes:
         """A credential (the body ``MlsClient(credential=...)`` takes) vouching that
-        ``identity`` in ``room`` holds the MLS signature key ``signature_key``."""
-        start = int(time.time()) - BACKDATE if not_before is None else not_before
-        end = start + int(valid_for.total_seconds())
+        ``identity`` in ``room`` holds the MLS signature key ``signature_key``, valid for
+        ``valid_for`` from ``not_before`` (default: now, backdated a minute for clocks
+        that are behind)."""
+        now = int(time.time())
+        start = now - BACKDATE if not_before is None else not_before
+        end = (now if not_before is None else not_before) + int(valid_for.total_seconds())
         signed = mls.credential_signed_bytes(signature_key, identity, room, start, end)
         return mls.encode_credential(identity, room, start, end, self._key.sign(signed))
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from livekit import rtc
 from mls_provider.events import Callback
 from mls_provider.keys import DEFAULT_RING_SIZE
 from mls_provider.livekit_adapter import LiveKitKeySink
-from mls_provider.session import EpochInfo, MlsSession, SessionConfig
+from mls_provider.session import CredentialSource, EpochInfo, MlsSession, SessionConfig
 from mls_provider.transport import DeliveryClient, DeliveryServiceError, TokenSource
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,11 @@ class MlsE2EE:
     """One participant's MLS key management for one LiveKit room.
 
     ``ds_public_key`` pins the delivery service's signature key (hex or bytes): groups
-    that list another external sender are refused. ``ring_size`` must equal the DS's.
+    that list another external sender are refused. ``authority_key`` (hex or bytes, or
+    several during a rotation) pins the app's identity authority: every member's
+    credential must be signed by it, and ``get_credential(signature_public_key)`` gets
+    ours from the app's backend (authority mode, docs/security.md). ``ring_size`` must
+    equal the DS's.
     ``failure_tolerance`` is LiveKit's: >= 0 so that undecryptable frames are reported
     (``e2ee_state_changed`` DECRYPTION_FAILED) instead of retried silently.
     """
@@ -67,6 +71,8 @@ class MlsE2EE:
         token: TokenSource,
         *,
         ds_public_key: bytes | str | None = None,
+        authority_key: bytes | str | Sequence[bytes | str] | None = None,
+        get_credential: CredentialSource | None = None,
         ring_size: int = DEFAULT_RING_SIZE,
         failure_tolerance: int = 0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -75,11 +81,17 @@ class MlsE2EE:
         if isinstance(ds_public_key, str):
             ds_public_key = bytes.fromhex(ds_public_key)
         base = config or SessionConfig()
-        self.config = dataclasses.replace(
-            base,
-            ring_size=ring_size,
-            ds_public_key=ds_public_key if ds_public_key is not None else base.ds_public_key,
-        )
+        changes: dict[str, Any] = {"ring_size": ring_size}
+        if ds_public_key is not None:
+            changes["ds_public_key"] = ds_public_key
+        if authority_key is not None:
+            keys = [authority_key] if isinstance(authority_key, bytes | str) else authority_key
+            changes["authority_keys"] = tuple(
+                bytes.fromhex(k) if isinstance(k, str) else k for k in keys
+            )
+        if get_credential is not None:
+            changes["get_credential"] = get_credential
+        self.config = dataclasses.replace(base, **changes)
         target, default_credentials = _target(ds_url)
         self.ds = DeliveryClient(target, token, credentials=credentials or default_credentials)
         self.failure_tolerance = failure_tolerance

@@ -100,7 +100,7 @@ class SessionConfig:
     # (anyone with a LiveKit token for the room becomes a member).
     authority_keys: tuple[bytes, ...] = ()
     # authority mode: where this member gets its own credential (the app's backend)
-    credentials: CredentialSource | None = None
+    get_credential: CredentialSource | None = None
     # seconds before its credential expires when a member renews it (an update commit)
     credential_renewal: float = 3600.0
 
@@ -168,8 +168,8 @@ class MlsSession(EventEmitter):
         self._client: mls.MlsClient | None = None
         self.credential: bytes | None = None  # ours, in authority mode
         if self.config.authority_keys:
-            if self.config.credentials is None:
-                raise SessionError("authority mode needs SessionConfig.credentials")
+            if self.config.get_credential is None:
+                raise SessionError("authority mode needs SessionConfig.get_credential")
             # credentials must name the room of our own LiveKit token
             self.authority = mls.Authority(list(self.config.authority_keys), ds.room)
         else:
@@ -396,6 +396,15 @@ class MlsSession(EventEmitter):
         elif group.has_pending_commit:
             group.discard_pending_commit()
         output = group.commit()
+        if output.left_out:
+            # a proposal our rules refuse (an Add the app's authority did not vouch for):
+            # the DS would refuse a commit without it, and we will not commit it
+            group.discard_pending_commit()
+            for who in output.left_out:
+                reason = "its credential is not vouched for by the pinned identity authority"
+                log.warning("%s: refusing to add %r: %s", self.identity, who, reason)
+                self.emit("member_rejected", RejectedMember(who, reason))
+            return
         self._pending_commit = (group.epoch, output)
         await self._submit(group, output)
 
@@ -585,7 +594,7 @@ class MlsSession(EventEmitter):
     # ---- credentials (authority mode) -------------------------------------------------
 
     async def _fetch_credential(self) -> bytes:
-        source = self.config.credentials
+        source = self.config.get_credential
         assert source is not None
         try:
             return await source(self.key_pair.public_key)
@@ -596,22 +605,30 @@ class MlsSession(EventEmitter):
         """Our credential from now on (key packages, re-joins): it must pass the checks
         every other member makes (raises SessionError otherwise)."""
         try:
-            self._client = mls.MlsClient(
-                self.identity, self.key_pair, credential=credential, authority=self.authority
-            )
+            if self._client is None:
+                self._client = mls.MlsClient(
+                    self.identity, self.key_pair, credential=credential, authority=self.authority
+                )
+            else:  # the key packages we handed out stay usable
+                self._client = self._client.renewed(credential)
         except (mls.MlsError, ValueError) as e:
             raise SessionError(f"the app's credential for {self.identity!r} is refused: {e}") from e
         self.credential = credential
 
-    def _credential_expires(self) -> float:
+    def _renewal_due(self) -> float:
+        """``credential_renewal`` seconds before our credential expires, but not before
+        half its validity (a short-lived credential is not renewed in a loop)."""
         assert self.credential is not None
-        return float(mls.decode_credential(self.credential).not_after)
+        c = mls.decode_credential(self.credential)
+        return float(
+            c.not_after - min(self.config.credential_renewal, (c.not_after - c.not_before) / 2)
+        )
 
     async def _renew_credentials(self) -> None:
         """Before our credential expires, gets a new one and commits it (an update), so
         that no member ever holds an expired leaf (joiners refuse a group that has one)."""
         while not self._stopping:
-            due = self._credential_expires() - self.config.credential_renewal
+            due = self._renewal_due()
             await asyncio.sleep(max(0.0, due - time.time()))
             credential = await self._fetch_credential()
             while not self._stopping and not await self._commit_renewal(credential):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,65 @@ def test_size_limits(field: str, text: str) -> None:
     assert text.format(value // unit) in PROTOCOL
     limits = Limits()
     assert f"rate limit ({limits.rate_per_second:g} req/s, burst {limits.burst}" in PROTOCOL
+
+
+VECTORS = Path(__file__).resolve().parent.parent / "docs" / "vectors"
+
+
+def test_authority_credential_vectors() -> None:
+    """Every vector: the signed bytes, the Ed25519 signature (deterministic) from the
+    authority's seed, the credential body and its MLS encoding; the table in the document
+    is the first vector."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mls_provider import mls
+    from mls_provider.authority import IdentityAuthority
+
+    vectors = json.loads((VECTORS / "authority-credential.json").read_text())
+    for v in vectors:
+        authority = IdentityAuthority.from_seed(bytes.fromhex(v["authority_seed"]))
+        assert authority.public_key.hex() == v["authority_public_key"]
+        signed = mls.credential_signed_bytes(
+            bytes.fromhex(v["signature_key"]), v["identity"], v["room"],
+            v["not_before"], v["not_after"],
+        )  # fmt: skip
+        assert signed.hex() == v["signed_bytes"]
+        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["authority_seed"]))
+        assert key.sign(signed).hex() == v["signature"]
+        data = authority.issue(
+            v["identity"], v["room"], bytes.fromhex(v["signature_key"]),
+            not_before=v["not_before"],
+            valid_for=timedelta(seconds=v["not_after"] - v["not_before"]),
+        )  # fmt: skip
+        assert data.hex() == v["credential_data"]
+        # Credential: uint16 type, then data<V> (a two-byte varint here: 0x4000 | length)
+        encoded = mls.AUTHORITY_CREDENTIAL_TYPE.to_bytes(2, "big")
+        encoded += (0x4000 | len(data)).to_bytes(2, "big") + data
+        assert encoded.hex() == v["credential"]
+    rows = dict(
+        (cell[0], cell[1]) for cell in table_rows("| field | value")
+    )  # the document's table
+    first = vectors[0]
+    assert rows["signed bytes"] == first["signed_bytes"]
+    assert rows["signature"] == first["signature"]
+    assert rows["Credential"] == first["credential"]
+    assert f'"{"livekit-mls v1 credential"}"' in PROTOCOL
+
+
+def test_refused_authority_credential_vectors() -> None:
+    """Each refused body is refused: by decoding, or by the authority's check."""
+    from mls_provider import mls
+
+    good = json.loads((VECTORS / "authority-credential.json").read_text())[0]
+    for v in json.loads((VECTORS / "authority-credential-refused.json").read_text()):
+        data = bytes.fromhex(v["credential_data"])
+        try:
+            decoded = mls.decode_credential(data)
+        except mls.MlsError:
+            continue
+        # decodes, but the signature no longer matches what was signed
+        signed = mls.credential_signed_bytes(
+            bytes.fromhex(good["signature_key"]), decoded.identity, decoded.room,
+            decoded.not_before, decoded.not_after,
+        )  # fmt: skip
+        assert signed.hex() != good["signed_bytes"], v["case"]

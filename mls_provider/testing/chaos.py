@@ -46,7 +46,7 @@ from typing import Any
 from delivery_service.store import open_store
 from mls_provider.keys import EXPORTER_LABEL, key_index
 from mls_provider.proto import delivery_pb2 as pb
-from mls_provider.session import MlsSession, SessionConfig
+from mls_provider.session import MlsSession
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.testing.redis_server import RedisServer
@@ -234,7 +234,7 @@ class _Chaos:
         sink = HeadlessKeySink()
         ds = self.ds[0]
         client = _AckRecordingClient(self.target, ds.token(identity, ROOM), self.acks)
-        config = SessionConfig(ds_public_key=ds.public_key)
+        config = ds.session_config(identity, ROOM)
         member = _Member(identity, MlsSession(client, identity, sink, config), sink)
         member.session.on("error", member.errors.append)
         member.started = asyncio.ensure_future(member.session.start())

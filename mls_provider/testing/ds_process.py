@@ -13,7 +13,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from mls_provider.authority import IdentityAuthority
+from mls_provider.session import SessionConfig
 from mls_provider.testing._process import (
     HOST,
     NO_PROXY_OPENER,
@@ -21,7 +24,7 @@ from mls_provider.testing._process import (
     free_port,
     pdeathsig_prefix,
 )
-from mls_provider.testing.tokens import join_token
+from mls_provider.testing.tokens import credential_source, join_token
 
 
 class DeliveryServiceError(RuntimeError):
@@ -32,7 +35,9 @@ class DeliveryServiceProcess(ServerProcess):
     """``livekit-mls-ds`` as a subprocess on loopback.
 
     ``store`` defaults to an SQLite file in the work dir (the embedded default); pass a
-    ``redis://`` URL to run on Redis. ``extra_args`` are passed to the CLI as is.
+    ``redis://`` URL to run on Redis. ``extra_args`` are passed to the CLI as is. With an
+    ``authority`` (the app's identity authority) the DS runs in authority mode, and
+    :meth:`session_config` hands members credentials as the app's backend would.
     """
 
     name = "delivery service"
@@ -48,6 +53,7 @@ class DeliveryServiceProcess(ServerProcess):
         livekit_url: str = "",
         extra_args: tuple[str, ...] = (),
         startup_timeout: float = 20.0,
+        authority: IdentityAuthority | None = None,
     ) -> None:
         super().__init__(startup_timeout)
         self.api_key = api_key
@@ -59,6 +65,7 @@ class DeliveryServiceProcess(ServerProcess):
         self.store = store or f"sqlite:///{self.workdir / 'ds.db'}"
         self.livekit_url = livekit_url
         self.extra_args = extra_args
+        self.authority = authority
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.public_key: bytes = b""
@@ -69,6 +76,15 @@ class DeliveryServiceProcess(ServerProcess):
     def token(self, identity: str, room: str) -> str:
         """A join token for ``identity`` in ``room``, signed with the key this DS trusts."""
         return join_token(self.api_key, self._api_secret, identity, room)
+
+    def session_config(self, identity: str, room: str, **overrides: Any) -> SessionConfig:
+        """A member's session configuration for this DS: its key pinned and, in authority
+        mode, the authority pinned and credentials issued as the app's backend would."""
+        options: dict[str, Any] = {"ds_public_key": self.public_key}
+        if self.authority is not None:
+            options["authority_keys"] = (self.authority.public_key,)
+            options["get_credential"] = credential_source(self.authority, identity, room)
+        return SessionConfig(**{**options, **overrides})
 
     @property
     def target(self) -> str:
@@ -137,6 +153,7 @@ class DeliveryServiceProcess(ServerProcess):
             "--http-listen", f"{HOST}:{self.http_port}",
             "--store", self.store,
             "--log-format", "json",
+            *(["--authority-key", self.authority.public_key.hex()] if self.authority else []),
             *self.extra_args,
         ]  # fmt: skip
         # the DS gets SIGTERM if the thread that started it ends (e.g. a crashed benchmark)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mls_provider.events import Callback
-from mls_provider.session import EpochInfo, MlsSession, SessionConfig
+from mls_provider.session import EpochInfo, MlsSession
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.transport import DeliveryClient, DeliveryServiceError
@@ -248,6 +248,7 @@ class LocalMember(Member):
             ds_target=ds.target,
             ds_public_key=ds.public_key,
             tone_hz=tone_hz,
+            config=ds.session_config(identity, room),
         )
         assert self.participant.e2ee is not None
         self.follow(self.participant.e2ee, lambda: self.participant.executed_epoch)
@@ -315,6 +316,7 @@ class ProcessMember(Member):
             token=livekit.token(identity, room),
             ds_target=ds.target,
             ds_public_key=ds.public_key,
+            authority=ds.authority,
             tone_hz=tone_hz,
             events=True,
             die_with_parent=True,  # even if the runner is killed, no participant outlives it
@@ -449,14 +451,12 @@ class HeadlessMember(Member):
 
     kind = "headless"
 
-    def __init__(
-        self, identity: str, instance: int, ds: DeliveryServiceProcess, token: str
-    ) -> None:
+    def __init__(self, identity: str, instance: int, ds: DeliveryServiceProcess, room: str) -> None:
         super().__init__(identity, instance, None)
-        self.client = DeliveryClient(ds.target, token)
+        self.client = DeliveryClient(ds.target, ds.token(identity, room))
         self.sink = HeadlessKeySink()
         self.session = MlsSession(
-            self.client, identity, self.sink, SessionConfig(ds_public_key=ds.public_key)
+            self.client, identity, self.sink, ds.session_config(identity, room)
         )
         self.follow(self.session, lambda: self.session.executed_epoch)
         self.pid = os.getpid()

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import IO, cast
 
 from livekit import rtc
 
+from mls_provider.authority import IdentityAuthority
 from mls_provider.e2ee import MlsE2EE, encryption_options
 from mls_provider.events import Callback
 from mls_provider.keys import DEFAULT_RING_SIZE, key_index
@@ -42,6 +44,8 @@ from mls_provider.testing.audio import (
     wait_for_tone,
 )
 from mls_provider.testing.members import SESSION_EVENTS
+from mls_provider.testing.tokens import credential_source
+from mls_provider.transport import DeliveryClient
 
 
 @dataclass(frozen=True)
@@ -344,7 +348,22 @@ def _report_events(participant: Participant) -> None:
     participant.room.on("e2ee_state_changed", state_changed)
 
 
+AUTHORITY_SEED_ENV = "LIVEKIT_MLS_TEST_AUTHORITY_SEED"
+"""A spawned test participant's credentials: the test's identity authority (hex seed),
+playing the app's backend. Only test processes get it, through their environment."""
+
+
 async def _main(args: argparse.Namespace) -> None:
+    config = None
+    seed = os.environ.pop(AUTHORITY_SEED_ENV, "")
+    if seed:
+        authority = IdentityAuthority.from_seed(bytes.fromhex(seed))
+        room = DeliveryClient(args.ds, args.token).room
+        config = SessionConfig(
+            ring_size=args.ring_size,
+            authority_keys=(authority.public_key,),
+            get_credential=credential_source(authority, args.identity, room),
+        )
     participant = Participant(
         args.identity,
         livekit_url=args.livekit_url,
@@ -353,6 +372,7 @@ async def _main(args: argparse.Namespace) -> None:
         ds_public_key=bytes.fromhex(args.ds_public_key) if args.ds_public_key else None,
         tone_hz=args.tone,
         ring_size=args.ring_size,
+        config=config,
     )
     if args.events:
         _report_events(participant)
@@ -376,6 +396,7 @@ def spawn_participant(
     token: str,
     ds_target: str,
     ds_public_key: bytes | None = None,
+    authority: IdentityAuthority | None = None,
     tone_hz: float | None = None,
     events: bool = False,
     die_with_parent: bool = False,
@@ -388,8 +409,9 @@ def spawn_participant(
     group, then, with ``events``, ``EVENT <json>`` lines (read them: a full pipe blocks
     it). SIGINT makes it leave the group and the room; SIGKILL is a crash.
     ``die_with_parent`` (Linux): SIGKILL when the spawning thread ends, even if this
-    process is killed. ``stdin``, ``stderr`` and ``start_new_session`` go to
-    ``subprocess.Popen``."""
+    process is killed. With ``authority`` (the test's identity authority) it gets its
+    credential as from the app's backend. ``stdin``, ``stderr`` and ``start_new_session``
+    go to ``subprocess.Popen``."""
     args = [
         *(pdeathsig_prefix("KILL") if die_with_parent else []),
         sys.executable, "-m", "mls_provider.testing.participant",
@@ -404,6 +426,9 @@ def spawn_participant(
         args.append("--events")
     if tone_hz is not None:
         args += ["--tone", str(tone_hz)]
+    env = dict(os.environ)
+    if authority is not None:
+        env[AUTHORITY_SEED_ENV] = authority.seed.hex()
     return subprocess.Popen(
         args,
         stdout=subprocess.PIPE,
@@ -411,6 +436,7 @@ def spawn_participant(
         stderr=stderr,
         text=True,
         start_new_session=start_new_session,
+        env=env,
     )
 
 

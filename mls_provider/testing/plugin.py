@@ -16,6 +16,7 @@ Helpers for assertions live in :mod:`mls_provider.testing.assertions`. See
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -108,10 +109,11 @@ class ParticipantFactory:
     ) -> Participant:
         from mls_provider.testing.participant import Participant
 
+        room = room or self.room
         participant = Participant(
             identity,
             livekit_url=self.livekit.url,
-            token=self.livekit.token(identity, room or self.room),
+            token=self.livekit.token(identity, room),
             ds_target=self.ds.target,
             ds_public_key=self.ds.public_key,
             tone_hz=tone_hz,
@@ -119,7 +121,7 @@ class ParticipantFactory:
             mls=mls,
             encrypted=encrypted,
             subscribe=subscribe,
-            config=config,
+            config=self._config(identity, room, config),
         )
         self.created.append(participant)
         return participant
@@ -134,6 +136,7 @@ class ParticipantFactory:
             token=self.livekit.token(identity, self.room),
             ds_target=self.ds.target,
             ds_public_key=self.ds.public_key,
+            authority=self.ds.authority,
             tone_hz=tone_hz,
         )
         self.processes.append(proc)
@@ -143,6 +146,16 @@ class ParticipantFactory:
             proc.kill()
             raise RuntimeError(f"participant process {identity} failed to join: {line!r}")
         return proc
+
+    def _config(self, identity: str, room: str, config: SessionConfig | None) -> SessionConfig:
+        """``config`` with what the app's backend provides: in authority mode the pinned
+        authority and this participant's credentials."""
+        base = self.ds.session_config(identity, room)
+        if config is None:
+            return base
+        return dataclasses.replace(
+            config, authority_keys=base.authority_keys, get_credential=base.get_credential
+        )
 
     async def close_all(self) -> None:
         for proc in self.processes:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mls_provider.authority import IdentityAuthority
 from mls_provider.testing.ds_log import DsLog
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.testing.members import (
@@ -269,7 +270,10 @@ class ScenarioRunner:
         # started from this (the event loop's) thread: livekit-server is tied to it
         if self.headless:
             self.ds = DeliveryServiceProcess(
-                "harness-key", self._headless_secret, workdir=self.workdir / "ds"
+                "harness-key",
+                self._headless_secret,
+                workdir=self.workdir / "ds",
+                authority=IdentityAuthority.generate(),
             )
             self.ds.start()
         else:
@@ -332,7 +336,7 @@ class ScenarioRunner:
         assert self.ds is not None
         member: Member
         if self.headless:
-            member = HeadlessMember(identity, instance, self.ds, self._token(identity))
+            member = HeadlessMember(identity, instance, self.ds, self.room)
         elif (identity, instance) in self._will_be_killed:
             assert self.livekit is not None
             member = ProcessMember(
@@ -346,10 +350,6 @@ class ScenarioRunner:
         if identity not in self.order:
             self.order.append(identity)
         return member
-
-    def _token(self, identity: str) -> str:
-        assert self.ds is not None
-        return self.ds.token(identity, self.room)
 
     async def _join(self, identity: str, tone_hz: float | None) -> None:
         member = self._new_member(identity, tone_hz)

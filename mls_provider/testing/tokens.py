@@ -1,10 +1,14 @@
-"""LiveKit access tokens as a LiveKit deployment mints them (the DS accepts the same)."""
+"""What an app's backend hands its participants: LiveKit access tokens (the DS accepts
+the same) and, in authority mode, credentials from the app's identity authority."""
 
 from __future__ import annotations
 
 import datetime
 
 from livekit import api
+
+from mls_provider.authority import IdentityAuthority
+from mls_provider.session import CredentialSource
 
 
 def join_token(
@@ -34,3 +38,13 @@ def join_token(
     if ttl is not None:
         token = token.with_ttl(ttl)
     return token.to_jwt()
+
+
+def credential_source(authority: IdentityAuthority, identity: str, room: str) -> CredentialSource:
+    """What ``SessionConfig.get_credential`` calls: the app's backend issuing ``identity`` a
+    credential for ``room`` and the member's signature key."""
+
+    async def issue(signature_key: bytes) -> bytes:
+        return authority.issue(identity, room, signature_key)
+
+    return issue

@@ -5,7 +5,7 @@ use mls_rs::extension::built_in::ExternalSendersExt;
 use mls_rs::identity::basic::BasicCredential;
 use mls_rs::identity::SigningIdentity;
 use mls_rs::mls_rs_codec::{MlsDecode, MlsEncode};
-use mls_rs::storage_provider::in_memory::InMemoryGroupStateStorage;
+use mls_rs::storage_provider::in_memory::{InMemoryGroupStateStorage, InMemoryKeyPackageStorage};
 use mls_rs::{CipherSuiteProvider, CryptoProvider, ExtensionList, MlsMessage};
 
 use crate::config::{self, check_identity, ClientConfig, LivekitIdentityProvider};
@@ -188,7 +188,8 @@ pub struct Client {
     signing_identity: SigningIdentity,
     inner: mls_rs::Client<ClientConfig>,
     storage: InMemoryGroupStateStorage,
-    path_required: bool,
+    key_packages: InMemoryKeyPackageStorage,
+    options: ClientOptions,
 }
 
 impl Client {
@@ -202,6 +203,37 @@ impl Client {
         key_pair: SignatureKeyPair,
         options: ClientOptions,
     ) -> Result<Self> {
+        Self::build(
+            identity,
+            key_pair,
+            options,
+            InMemoryKeyPackageStorage::default(),
+        )
+    }
+
+    /// The same client with a renewed authority credential (for the same signature key).
+    /// Key packages it handed out earlier stay usable: a Welcome for one still joins.
+    pub fn renewed(&self, credential: Vec<u8>) -> Result<Self> {
+        let options = ClientOptions {
+            credential: Some(credential),
+            ..self.options.clone()
+        };
+        let mut client = Self::build(
+            &self.identity,
+            self.key_pair.clone(),
+            options,
+            self.key_packages.clone(),
+        )?;
+        client.storage = self.storage.clone();
+        Ok(client)
+    }
+
+    fn build(
+        identity: &str,
+        key_pair: SignatureKeyPair,
+        options: ClientOptions,
+        key_packages: InMemoryKeyPackageStorage,
+    ) -> Result<Self> {
         let signing_identity = match &options.credential {
             Some(credential) => key_pair.vouched_identity(identity, credential)?,
             None => key_pair.signing_identity(identity)?,
@@ -212,11 +244,11 @@ impl Client {
         }
         let suite = config::cipher_suite(key_pair.cipher_suite)?;
         let storage = InMemoryGroupStateStorage::new();
-        let required = options.require_update_path;
         let inner = mls_rs::Client::builder()
             .crypto_provider(config::crypto_provider())
-            .identity_provider(LivekitIdentityProvider::new(options.authority))
-            .mls_rules(config::mls_rules_with(required))
+            .identity_provider(LivekitIdentityProvider::new(options.authority.clone()))
+            .mls_rules(config::mls_rules_with(options.require_update_path))
+            .key_package_repo(key_packages.clone())
             .group_state_storage(storage.clone())
             .signing_identity(signing_identity.clone(), key_pair.secret.clone(), suite)
             .build();
@@ -226,7 +258,8 @@ impl Client {
             signing_identity,
             inner,
             storage,
-            path_required: required,
+            key_packages,
+            options,
         })
     }
 
@@ -280,7 +313,11 @@ impl Client {
             ExtensionList::default(),
             None,
         )?;
-        Ok(Group::new(group, self.storage.clone(), self.path_required))
+        Ok(Group::new(
+            group,
+            self.storage.clone(),
+            self.options.require_update_path,
+        ))
     }
 
     /// Joins from a Welcome made for one of this client's key packages.
@@ -291,7 +328,11 @@ impl Client {
         // the written copy itself is dropped at once.
         group.write_to_storage()?;
         self.storage.delete_group(group.group_id());
-        Ok(Group::new(group, self.storage.clone(), self.path_required))
+        Ok(Group::new(
+            group,
+            self.storage.clone(),
+            self.options.require_update_path,
+        ))
     }
 
     /// Joins by external commit from a GroupInfo that allows it. With `replace_leaf`, the
@@ -310,7 +351,11 @@ impl Client {
         }
         let (group, commit) = builder.build(group_info)?;
         Ok((
-            Group::new(group, self.storage.clone(), self.path_required),
+            Group::new(
+                group,
+                self.storage.clone(),
+                self.options.require_update_path,
+            ),
             commit.to_bytes()?,
         ))
     }
@@ -331,7 +376,11 @@ impl Client {
         .map_err(|e| Error::new(ErrorKind::Internal, "GroupStorageError", e.to_string()))?;
         let loaded = self.inner.load_group(group_id);
         self.storage.delete_group(group_id);
-        let group = Group::new(loaded?, self.storage.clone(), self.path_required);
+        let group = Group::new(
+            loaded?,
+            self.storage.clone(),
+            self.options.require_update_path,
+        );
         if group.identity()? != self.identity {
             return Err(Error::state(
                 "IdentityMismatch",

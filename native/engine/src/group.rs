@@ -29,6 +29,9 @@ pub struct CommitOutput {
     pub welcome: Option<Vec<u8>>,
     /// The new epoch's GroupInfo (with ratchet tree; allows external commits).
     pub group_info: Option<Vec<u8>>,
+    /// Proposals the commit left out because our rules refused them: for an Add, the
+    /// identity it would have added (or why it has none); otherwise the proposal type.
+    pub left_out: Vec<String>,
 }
 
 /// One member's MLS group state. Every mutating call leaves the state unchanged on error.
@@ -218,6 +221,18 @@ impl Group {
             .map(|g| g.to_bytes())
             .transpose()?;
         self.pending_has_path = output.commit_message.commit_path_leaf_node().is_some();
+        // proposals our rules refused (e.g. an Add whose credential our identity provider
+        // rejects): the commit leaves them out
+        let left_out = output
+            .unused_proposals
+            .iter()
+            .map(|info| match &info.proposal {
+                mls_rs::group::proposal::Proposal::Add(add) => {
+                    identity_of(add.signing_identity()).unwrap_or_else(|e| e.message)
+                }
+                other => crate::types::proposal_type_name(other).to_owned(),
+            })
+            .collect();
         let commit = match output.commit_message.to_bytes() {
             Ok(c) => c,
             Err(e) => {
@@ -229,6 +244,7 @@ impl Group {
             commit,
             welcome,
             group_info,
+            left_out,
         })
     }
 

@@ -138,6 +138,7 @@ struct CommitOutput {
     commit: Vec<u8>,
     welcome: Option<Vec<u8>>,
     group_info: Option<Vec<u8>>,
+    left_out: Vec<String>,
 }
 
 #[pymethods]
@@ -407,6 +408,14 @@ impl MlsClient {
         self.inner.cipher_suite()
     }
 
+    /// This client with a renewed authority credential; key packages handed out before
+    /// stay usable.
+    fn renewed(&self, credential: Vec<u8>) -> PyResult<MlsClient> {
+        Ok(MlsClient {
+            inner: self.inner.renewed(credential).map_err(to_py_err)?,
+        })
+    }
+
     #[getter]
     fn key_pair(&self) -> SignatureKeyPair {
         SignatureKeyPair {
@@ -583,6 +592,7 @@ impl Group {
             commit: output.commit,
             welcome: output.welcome,
             group_info: output.group_info,
+            left_out: output.left_out,
         })
     }
 
@@ -600,6 +610,7 @@ impl Group {
             commit: output.commit,
             welcome: output.welcome,
             group_info: output.group_info,
+            left_out: output.left_out,
         })
     }
 
