@@ -22,6 +22,8 @@ they process in parallel. So two figures are measured:
   client waits for: the DS's ordering and durable writes, its fan-out to every member and
   the acks of all of them, and a real member's processing at size N.
 
+``bench_authority.py`` compares open and authority mode with the same rooms.
+
     .venv/bin/python benchmarks/bench_session.py [--sizes 2,10,50,200,1000]
                                                  [--critical-sizes 50,200,1000] [--samples 30]
 """
@@ -38,8 +40,9 @@ from dataclasses import dataclass, field
 from common import markdown_table, percentile, write_result
 
 from mls_provider import mls
+from mls_provider.authority import IdentityAuthority
 from mls_provider.proto import delivery_pb2 as pb
-from mls_provider.session import MlsSession, SessionConfig
+from mls_provider.session import MlsSession
 from mls_provider.sinks import HeadlessKeySink
 from mls_provider.testing.ds_process import DeliveryServiceProcess
 from mls_provider.transport import DeliveryClient
@@ -101,7 +104,7 @@ class Room:
     async def add(self, identity: str) -> Member:
         client = TimedDeliveryClient(self.ds.target, self.token(identity))
         sink = HeadlessKeySink()
-        config = SessionConfig(ds_public_key=self.ds.public_key)
+        config = self.ds.session_config(identity, self.name)
         session = MlsSession(client, identity, sink, config)
         member = Member(session, client, sink)
         self.members[identity] = member
@@ -134,57 +137,83 @@ class Room:
         await asyncio.gather(*(m.client.close() for m in self.members.values()))
 
 
+class WallClockBench:
+    """One room of real client sessions: built once, then sampled join/leave by join/leave."""
+
+    def __init__(self, members: int, wave: int, workdir: str, authority: bool = False) -> None:
+        self.members = members
+        self.wave = wave
+        secret = secrets.token_urlsafe(40)
+        self.ds = DeliveryServiceProcess(
+            API_KEY,
+            secret,
+            workdir=workdir,
+            authority=IdentityAuthority.generate() if authority else None,
+        )
+        self.room = Room(self.ds, secret, f"bench-{members}")
+        self.result: dict[str, list[float]] = {
+            "join_ms": [],
+            "exposure_ms": [],
+            "exposure_first_ms": [],
+            "removal_total_ms": [],
+        }
+
+    async def build(self) -> None:
+        """Concurrent joins in waves (the DS batches them into few epochs)."""
+        self.ds.start()
+        for start in range(0, self.members, self.wave):
+            end = min(start + self.wave, self.members)
+            await asyncio.gather(*(self.room.add(f"m{i}") for i in range(start, end)))
+            await self.room.converged()
+
+    async def sample(self, i: int) -> None:
+        """One guest joins, then leaves again."""
+        room, result = self.room, self.result
+        name = f"guest{i}"
+        t0 = time.monotonic()
+        joiner = await room.add(name)
+        epoch = await room.converged()
+        switched = [m.sink.sender_switched_at or 0.0 for m in room.members.values()]
+        result["join_ms"].append((max(switched) - t0) * 1000)
+        assert joiner.session.epoch == epoch
+
+        t_leave = time.monotonic()
+        await joiner.session.stop(leave=True)
+        await joiner.client.close()
+        del room.members[name]
+        new_epoch = await room.converged()
+        accepted = [
+            m.client.accepted[new_epoch]
+            for m in room.members.values()
+            if new_epoch in m.client.accepted
+        ]
+        switched = [m.sink.sender_switched_at or 0.0 for m in room.members.values()]
+        assert len(accepted) == 1, f"exactly one accepted commit per epoch: {accepted}"
+        result["exposure_ms"].append((max(switched) - accepted[0]) * 1000)
+        result["exposure_first_ms"].append((min(switched) - accepted[0]) * 1000)
+        result["removal_total_ms"].append((max(switched) - t_leave) * 1000)
+
+    async def stop(self) -> None:
+        await self.room.stop()
+        self.ds.stop()
+
+
 async def measure(members: int, samples: int, wave: int) -> dict[str, list[float]]:
-    secret = secrets.token_urlsafe(40)
     with tempfile.TemporaryDirectory() as tmp:
-        ds = DeliveryServiceProcess(API_KEY, secret, workdir=tmp)
-        ds.start()
-        room = Room(ds, secret, f"bench-{members}")
+        bench = WallClockBench(members, wave, tmp)
         try:
-            # build the room: concurrent joins in waves (the DS batches them into few epochs)
-            for start in range(0, members, wave):
-                await asyncio.gather(
-                    *(room.add(f"m{i}") for i in range(start, min(start + wave, members)))
-                )
-                await room.converged()
+            await bench.build()
             for samples_of_kind in PROCESSING_MS.values():
                 samples_of_kind.clear()  # this size's samples only, not the room's build-up
-            result: dict[str, list[float]] = {
-                "join_ms": [],
-                "exposure_ms": [],
-                "exposure_first_ms": [],
-                "removal_total_ms": [],
-            }
             for i in range(samples):
-                name = f"guest{i}"
-                t0 = time.monotonic()
-                joiner = await room.add(name)
-                epoch = await room.converged()
-                switched = [m.sink.sender_switched_at or 0.0 for m in room.members.values()]
-                result["join_ms"].append((max(switched) - t0) * 1000)
-                assert joiner.session.epoch == epoch
-
-                t_leave = time.monotonic()
-                await joiner.session.stop(leave=True)
-                await joiner.client.close()
-                del room.members[name]
-                new_epoch = await room.converged()
-                accepted = [
-                    m.client.accepted[new_epoch]
-                    for m in room.members.values()
-                    if new_epoch in m.client.accepted
-                ]
-                switched = [m.sink.sender_switched_at or 0.0 for m in room.members.values()]
-                assert len(accepted) == 1, f"exactly one accepted commit per epoch: {accepted}"
-                result["exposure_ms"].append((max(switched) - accepted[0]) * 1000)
-                result["exposure_first_ms"].append((min(switched) - accepted[0]) * 1000)
-                result["removal_total_ms"].append((max(switched) - t_leave) * 1000)
-            result["processing_join_ms"] = list(PROCESSING_MS["join"])
-            result["processing_leave_ms"] = list(PROCESSING_MS["leave"])
-            return result
+                await bench.sample(i)
+            return {
+                **bench.result,
+                "processing_join_ms": list(PROCESSING_MS["join"]),
+                "processing_leave_ms": list(PROCESSING_MS["leave"]),
+            }
         finally:
-            await room.stop()
-            ds.stop()
+            await bench.stop()
 
 
 class Acker:

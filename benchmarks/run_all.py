@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench_authority import HEADERS as AUTHORITY_HEADERS
+from bench_authority import row as authority_row
 from common import RESULTS, ROOT, machine_info, markdown_table, percentile
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -42,6 +44,8 @@ BENCHMARKS = [
                          "--iterations", "20", "--rounds", "3"], "native.json"),
     Benchmark("session", [PY, "benchmarks/bench_session.py", "--sizes", "2,10,50,200,1000",
                           "--critical-sizes", "50,200,1000", "--samples", "30"], "session.json"),
+    Benchmark("authority", [PY, "benchmarks/bench_authority.py", "--sizes", "50",
+                            "--samples", "30"], "authority.json"),
     Benchmark("burst", [PY, "benchmarks/bench_burst.py", "--joiners", "50", "--spread", "1.0",
                         "--runs", "20"], "burst.json"),
     Benchmark("wire", [PY, "benchmarks/bench_wire.py", "--sizes", "10,100,1000"], "wire.json"),
@@ -217,6 +221,36 @@ def section_session(data: dict[str, Any]) -> str:
         targets.append(line)
     lines += ["Targets (design brief):", "", *targets, ""]
     return "\n".join(lines)
+
+
+def section_authority(data: dict[str, Any]) -> str:
+    results = data["results"]
+    targets = []
+    for r in results:
+        ratio = percentile(r["authority"]["join_ms"], 50) / percentile(r["open"]["join_ms"], 50)
+        targets.append(
+            f"* authority mode <= 10% slower joins at N = {r['members']}: {ratio:.2f}x open "
+            f"mode's p50 — {status(ratio <= 1.1)}"
+        )
+    return "\n".join(
+        [
+            "The wall-clock join of the section above in two rooms of the same size: one in "
+            "open mode (a LiveKit token is enough), one in authority mode (each member fetches "
+            "a credential from the app's identity authority before joining; every member "
+            "checks every credential in key packages, Adds, commits and Welcomes against the "
+            "pinned authority key, and the DS checks at Join). Samples alternate between the "
+            "two rooms so both see the same machine load.",
+            "",
+            markdown_table(
+                AUTHORITY_HEADERS, [authority_row(r["members"], r["samples"], r) for r in results]
+            ),
+            "",
+            "Target (issue 14):",
+            "",
+            *targets,
+            "",
+        ]
+    )
 
 
 def section_burst(data: dict[str, Any]) -> str:
@@ -460,6 +494,7 @@ def section_hostile(data: dict[str, Any]) -> str:
 SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("Binding overhead: Python vs plain Rust", "native", "native.json", section_native),
     ("Join latency and removal exposure window", "session", "session.json", section_session),
+    ("Cost of authority mode", "authority", "authority.json", section_authority),
     ("Burst of joins", "burst", "burst.json", section_burst),
     ("Rotation glitches on real LiveKit", "glitches", "glitches.json", section_glitches),
     ("Bytes on the wire per rotation", "wire", "wire.json", section_wire),
