@@ -28,11 +28,13 @@ SUITES = [
     "tests/ds/test_race.py",
     "tests/ds/test_presence.py",
     "tests/ds/test_hostile.py",
+    "tests/test_authority.py",
     "tests/test_session.py",
     "tests/redis/test_redis_cluster.py",
     "tests/redis/test_redis_persistence.py",
     "tests/redis/test_redis_regressions.py",
     "tests/e2e/test_presence.py",
+    "tests/e2e/test_authority.py",
 ]
 
 
